@@ -1,0 +1,80 @@
+// Global L2 norm of the gradients, for clipping by global norm.
+//
+// norm_partial_sums: partials[partial_offset + k] = sum of x^2 over block k of one tensor
+//   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block.
+// norm_finalize:     norm[0] = sqrt(sum of partials[0..count]) (assigned), in one workgroup.
+//
+// Both reductions run in a fixed order (a strided loop per invocation, then a tree over the
+// workgroup), never with atomics, so two runs give bitwise-identical norms.
+
+const WORKGROUP_SIZE: u32 = 256u;
+// Floats each invocation squares in norm_partial_sums.
+const ELEMENTS_PER_INVOCATION: u32 = 16u;
+const BLOCK_SIZE: u32 = WORKGROUP_SIZE * ELEMENTS_PER_INVOCATION;
+
+struct NormParams {
+    // norm_partial_sums: floats in the gradient tensor.
+    len: u32,
+    // norm_partial_sums: index in partials of the tensor's first block.
+    partial_offset: u32,
+    // norm_finalize: number of partial sums to add.
+    count: u32,
+    _pad0: u32,
+}
+
+// Each slot is declared once and shared by both entry points.
+@group(0) @binding(0) var<uniform> params: NormParams;
+@group(0) @binding(1) var<storage, read> input: array<f32>;        // partial sums: grad (len); finalize: partials (count)
+@group(0) @binding(2) var<storage, read_write> output: array<f32>; // partial sums: partials; finalize: norm (1)
+
+var<workgroup> partial: array<f32, WORKGROUP_SIZE>;
+
+// Adds partial[0..WORKGROUP_SIZE] into partial[0] by pairwise halving. Every invocation of the
+// workgroup must call it.
+fn reduce_workgroup(lid: u32) {
+    workgroupBarrier();
+    for (var stride = WORKGROUP_SIZE / 2u; stride > 0u; stride = stride / 2u) {
+        if (lid < stride) {
+            partial[lid] = partial[lid] + partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn norm_partial_sums(@builtin(workgroup_id) wid: vec3<u32>,
+                     @builtin(num_workgroups) groups: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32) {
+    let block = wid.x + wid.y * groups.x;
+    let start = block * BLOCK_SIZE;
+    // Uniform across the workgroup, so the barriers below stay in uniform control flow.
+    if (start >= params.len) {
+        return;
+    }
+    var sum = 0.0;
+    for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
+        let i = start + k * WORKGROUP_SIZE + lid;
+        if (i < params.len) {
+            let x = input[i];
+            sum = fma(x, x, sum);
+        }
+    }
+    partial[lid] = sum;
+    reduce_workgroup(lid);
+    if (lid == 0u) {
+        output[params.partial_offset + block] = partial[0];
+    }
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
+    var sum = 0.0;
+    for (var i = lid; i < params.count; i += WORKGROUP_SIZE) {
+        sum += input[i];
+    }
+    partial[lid] = sum;
+    reduce_workgroup(lid);
+    if (lid == 0u) {
+        output[0] = sqrt(partial[0]);
+    }
+}

@@ -1,0 +1,358 @@
+//! Kernel benchmarks on GPT-2 small shapes, shared by `shadertune bench kernels` and `cargo bench`.
+
+use crate::gpu::{median, Dispatch, Gpu, GpuError, TimingSource};
+use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, norm, residual};
+use rand::{Rng, SeedableRng};
+
+/// Shapes to benchmark: batch B sequences of T tokens through a GPT-2 of width C.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchShapes {
+    /// B.
+    pub batch: usize,
+    /// T.
+    pub seq_len: usize,
+    /// C.
+    pub channels: usize,
+    /// NH.
+    pub num_heads: usize,
+    /// V.
+    pub vocab: usize,
+}
+
+impl BenchShapes {
+    /// GPT-2 small with a batch of 8 x 120 tokens.
+    pub fn gpt2_small() -> Self {
+        BenchShapes { batch: 8, seq_len: 120, channels: 768, num_heads: 12, vocab: 50257 }
+    }
+
+    /// Small shapes for CI smoke runs.
+    pub fn tiny() -> Self {
+        BenchShapes { batch: 2, seq_len: 16, channels: 64, num_heads: 4, vocab: 1000 }
+    }
+}
+
+/// One benchmark result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct KernelTiming {
+    /// `family::entry` (with a note where one family is timed at several shapes).
+    pub kernel: String,
+    /// Shape in the shape legend, e.g. `(960, 768) x (768, 3072)`.
+    pub shape: String,
+    /// Median milliseconds per call.
+    pub ms: f64,
+    /// Achieved GFLOP/s, for compute-bound kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gflops: Option<f64>,
+    /// Achieved GB/s of memory traffic, for memory-bound kernels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gbps: Option<f64>,
+    /// Where the time came from.
+    pub timing: TimingSource,
+}
+
+struct Case {
+    kernel: String,
+    shape: String,
+    /// Floating-point operations per call, counting a multiply-add as two.
+    flops: Option<u64>,
+    /// Bytes read plus bytes written per call.
+    bytes: u64,
+    dispatches: Vec<Dispatch>,
+    // The buffers the dispatches bind; kept alive until the case is timed.
+    _buffers: Vec<wgpu::Buffer>,
+}
+
+struct Maker<'g> {
+    gpu: &'g Gpu,
+    rng: rand_chacha::ChaCha8Rng,
+}
+
+impl Maker<'_> {
+    fn random(&mut self, label: &str, len: usize, scale: f32) -> Result<wgpu::Buffer, GpuError> {
+        let data: Vec<f32> = (0..len).map(|_| self.rng.random_range(-scale..scale)).collect();
+        self.gpu.upload(label, &data)
+    }
+
+    fn zeros(&mut self, label: &str, len: usize) -> Result<wgpu::Buffer, GpuError> {
+        self.gpu.storage_buffer(label, (len * 4) as u64)
+    }
+}
+
+fn matmul_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &str) -> Result<Vec<Case>, GpuError> {
+    let gpu = m.gpu;
+    let inp = m.random("inp", rows * inner, 1.0)?;
+    let weight = m.random("weight", inner * cols, 0.05)?;
+    let bias = m.random("bias", cols, 0.05)?;
+    let out = m.zeros("out", rows * cols)?;
+    let dinp = m.zeros("dinp", rows * inner)?;
+    let dweight = m.zeros("dweight", inner * cols)?;
+    let shape = matmul::MatmulShape::new(rows, inner, cols, matmul::WeightLayout::InOut);
+    let flops = Some(2 * (rows * inner * cols) as u64);
+    let bytes = 4 * (rows * inner + inner * cols + rows * cols) as u64;
+    let text = format!("({rows}, {inner}) x ({inner}, {cols}) {name}");
+    let fwd = matmul::forward(gpu, "bench matmul", shape, (&inp).into(), (&weight).into(), Some((&bias).into()), (&out).into())?;
+    let bin = matmul::backward_input(gpu, "bench matmul dinp", shape, (&out).into(), (&weight).into(), (&dinp).into(), false)?;
+    let bw = matmul::backward_weight(gpu, "bench matmul dweight", shape, (&inp).into(), (&out).into(), (&dweight).into())?;
+    Ok(vec![
+        Case { kernel: "matmul::matmul_forward".into(), shape: text.clone(), flops, bytes, dispatches: vec![fwd], _buffers: vec![] },
+        Case { kernel: "matmul::matmul_backward_input".into(), shape: text.clone(), flops, bytes, dispatches: vec![bin], _buffers: vec![] },
+        Case {
+            kernel: "matmul::matmul_backward_weight".into(),
+            shape: text,
+            flops,
+            bytes,
+            dispatches: vec![bw],
+            _buffers: vec![inp, weight, bias, out, dinp, dweight],
+        },
+    ])
+}
+
+fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
+    let mut m = Maker { gpu, rng: rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed) };
+    let (b, t, c, nh, v) = (s.batch, s.seq_len, s.channels, s.num_heads, s.vocab);
+    let rows = b * t;
+    let mut out = Vec::new();
+    out.extend(matmul_cases(&mut m, rows, c, 3 * c, "attn.c_attn")?);
+    out.extend(matmul_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
+    out.extend(matmul_cases(&mut m, rows, 4 * c, c, "mlp.c_proj")?);
+
+    // Layer norm: reads x, writes y, plus small weight/stat vectors.
+    let x = m.random("x", rows * c, 1.0)?;
+    let w = m.random("ln w", c, 1.0)?;
+    let bias = m.random("ln b", c, 1.0)?;
+    let y = m.zeros("y", rows * c)?;
+    let mean = m.zeros("mean", rows)?;
+    let rstd = m.zeros("rstd", rows)?;
+    let dx = m.zeros("dx", rows * c)?;
+    let dw = m.zeros("dw", c)?;
+    let db = m.zeros("db", c)?;
+    let shape = format!("({rows}, {c})");
+    let io = 4 * (2 * rows * c) as u64;
+    out.push(Case {
+        kernel: "layernorm::layernorm_forward".into(),
+        shape: shape.clone(),
+        flops: None,
+        bytes: io,
+        dispatches: vec![layernorm::forward(gpu, "bench ln", rows, c, 1e-5, (&x).into(), (&w).into(), (&bias).into(), (&y).into(), (&mean).into(), (&rstd).into())?],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "layernorm::layernorm_backward_input".into(),
+        shape: shape.clone(),
+        flops: None,
+        bytes: 4 * (3 * rows * c) as u64,
+        dispatches: vec![layernorm::backward_input(
+            gpu,
+            "bench ln dx",
+            rows,
+            c,
+            (&y).into(),
+            (&x).into(),
+            (&w).into(),
+            (&mean).into(),
+            (&rstd).into(),
+            (&dx).into(),
+            false,
+        )?],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "layernorm::layernorm_backward_params".into(),
+        shape: shape.clone(),
+        flops: None,
+        bytes: io,
+        dispatches: vec![layernorm::backward_params(gpu, "bench ln dw", rows, c, (&y).into(), (&x).into(), (&mean).into(), (&rstd).into(), (&dw).into(), (&db).into())?],
+        _buffers: vec![x, w, bias, y, mean, rstd, dx, dw, db],
+    });
+
+    // GELU and residual over the MLP and residual-stream sizes.
+    let n = rows * 4 * c;
+    let g_in = m.random("gelu in", n, 2.0)?;
+    let g_out = m.zeros("gelu out", n)?;
+    let g_din = m.zeros("gelu din", n)?;
+    out.push(Case {
+        kernel: "gelu::gelu_forward".into(),
+        shape: format!("({rows}, {})", 4 * c),
+        flops: None,
+        bytes: 4 * 2 * n as u64,
+        dispatches: vec![gelu::forward(gpu, "bench gelu", n, (&g_in).into(), (&g_out).into())?],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "gelu::gelu_backward".into(),
+        shape: format!("({rows}, {})", 4 * c),
+        flops: None,
+        bytes: 4 * 3 * n as u64,
+        dispatches: vec![gelu::backward(gpu, "bench gelu bwd", n, (&g_in).into(), (&g_out).into(), (&g_din).into(), false)?],
+        _buffers: vec![g_in, g_out, g_din],
+    });
+    let n = rows * c;
+    let a = m.random("a", n, 1.0)?;
+    let bb = m.random("b", n, 1.0)?;
+    let sum = m.zeros("sum", n)?;
+    out.push(Case {
+        kernel: "residual::residual_forward".into(),
+        shape: format!("({rows}, {c})"),
+        flops: None,
+        bytes: 4 * 3 * n as u64,
+        dispatches: vec![residual::forward(gpu, "bench residual", n, (&a).into(), (&bb).into(), (&sum).into())?],
+        _buffers: vec![a, bb, sum],
+    });
+
+    // Attention: QK^T and att @ V products dominate, each B*NH*T*T*HS multiply-adds over the
+    // causal half.
+    let shape = attention::AttentionShape { batch: b, seq_len: t, channels: c, num_heads: nh };
+    let qkv = m.random("qkv", rows * 3 * c, 1.0)?;
+    let att = m.zeros("att", b * nh * t * t)?;
+    let datt = m.zeros("datt", b * nh * t * t)?;
+    let a_out = m.zeros("attn out", rows * c)?;
+    let dqkv = m.zeros("dqkv", rows * 3 * c)?;
+    let att_flops = 2 * 2 * (b * t * t * c) as u64 / 2;
+    let text = format!("B={b} T={t} C={c} NH={nh}");
+    out.push(Case {
+        kernel: "attention forward".into(),
+        shape: text.clone(),
+        flops: Some(att_flops),
+        bytes: 4 * (rows * 4 * c + b * nh * t * t) as u64,
+        dispatches: attention::forward(gpu, "bench attention", shape, (&qkv).into(), (&att).into(), (&a_out).into())?,
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "attention backward".into(),
+        shape: text,
+        flops: Some(2 * att_flops),
+        bytes: 4 * (rows * 7 * c + 2 * b * nh * t * t) as u64,
+        dispatches: attention::backward(gpu, "bench attention bwd", shape, (&a_out).into(), (&qkv).into(), (&att).into(), (&datt).into(), (&dqkv).into(), false)?,
+        _buffers: vec![qkv, att, datt, a_out, dqkv],
+    });
+
+    // Embedding with the token table split into two chunks, as the engine does for GPT-2 small
+    // under a 128 MiB binding limit.
+    let ids: Vec<u32> = (0..rows).map(|_| m.rng.random_range(0..v as u32)).collect();
+    let ids_buffer = gpu.upload("ids", &ids)?;
+    let half = v / 2;
+    let wte_a = m.random("wte a", half * c, 0.02)?;
+    let wte_b = m.random("wte b", (v - half) * c, 0.02)?;
+    let wpe = m.random("wpe", t * c, 0.02)?;
+    let emb = m.zeros("emb", rows * c)?;
+    let segments = embedding::token_segments(&ids);
+    let order = gpu.upload("order", &segments.order)?;
+    let segs = gpu.upload("segments", &segments.segments)?;
+    let dwte_a = m.zeros("dwte a", half * c)?;
+    out.push(Case {
+        kernel: "embedding::embedding_forward (2 chunks)".into(),
+        shape: format!("({rows}) ids, ({v}, {c}) wte"),
+        flops: None,
+        bytes: 4 * (3 * rows * c) as u64,
+        dispatches: vec![
+            embedding::forward(gpu, "bench emb a", b, t, c, (&ids_buffer).into(), (&wte_a).into(), 0, half, (&wpe).into(), (&emb).into())?,
+            embedding::forward(gpu, "bench emb b", b, t, c, (&ids_buffer).into(), (&wte_b).into(), half, v - half, (&wpe).into(), (&emb).into())?,
+        ],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "embedding::embedding_backward_token".into(),
+        shape: format!("({rows}) ids, ({half}, {c}) chunk"),
+        flops: None,
+        bytes: 4 * (2 * rows * c) as u64,
+        dispatches: vec![embedding::backward_token(
+            gpu,
+            "bench emb bwd",
+            b,
+            t,
+            c,
+            (&order).into(),
+            (&segs).into(),
+            (&emb).into(),
+            (&dwte_a).into(),
+            0,
+            half,
+        )?],
+        _buffers: vec![ids_buffer, wte_a, wte_b, wpe, emb, order, segs, dwte_a],
+    });
+
+    // Cross-entropy over the vocabulary for one sequence of T rows (the engine chunks larger
+    // logits), and AdamW plus the norm reduction over the c_fc weight.
+    let xrows = t;
+    let logits = m.random("logits", xrows * v, 3.0)?;
+    let targets: Vec<i32> = (0..xrows).map(|_| m.rng.random_range(0..v as i32)).collect();
+    let targets = gpu.upload("targets", &targets)?;
+    let losses = m.zeros("losses", xrows)?;
+    let loss = m.zeros("loss", 2)?;
+    let dlogits = m.zeros("dlogits", xrows * v)?;
+    out.push(Case {
+        kernel: "crossentropy::crossentropy_forward".into(),
+        shape: format!("({xrows}, {v})"),
+        flops: None,
+        bytes: 4 * (xrows * v) as u64,
+        dispatches: vec![crossentropy::forward(gpu, "bench xent", xrows, v, (&logits).into(), (&targets).into(), (&losses).into())?],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "crossentropy::crossentropy_backward".into(),
+        shape: format!("({xrows}, {v})"),
+        flops: None,
+        bytes: 4 * (2 * xrows * v) as u64,
+        dispatches: vec![crossentropy::backward(gpu, "bench xent bwd", xrows, v, (&logits).into(), (&targets).into(), (&loss).into(), (&dlogits).into())?],
+        _buffers: vec![logits, targets, losses, loss, dlogits],
+    });
+    let n = c * 4 * c;
+    let param = m.random("param", n, 0.02)?;
+    let grad = m.random("grad", n, 0.01)?;
+    let mm = m.zeros("m", n)?;
+    let vv = m.zeros("v", n)?;
+    let step = adamw::AdamWStep {
+        lr: 1e-4,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        bias_correction1: 0.1,
+        bias_correction2: 0.001,
+        max_norm: 0.0,
+        grad_scale: 1.0,
+    };
+    let step = gpu.upload("step", bytemuck::bytes_of(&step))?;
+    let gnorm = m.zeros("norm", 1)?;
+    let partials = m.zeros("partials", norm::partials_len(n))?;
+    out.push(Case {
+        kernel: "adamw::adamw_update".into(),
+        shape: format!("({c}, {})", 4 * c),
+        flops: None,
+        // Reads param, grad, m, v; writes param, grad (zeroed), m, v.
+        bytes: 4 * 8 * n as u64,
+        dispatches: vec![adamw::update(gpu, "bench adamw", n, 0.1, (&step).into(), (&gnorm).into(), (&param).into(), (&grad).into(), (&mm).into(), (&vv).into())?],
+        _buffers: vec![],
+    });
+    out.push(Case {
+        kernel: "norm::norm_partial_sums".into(),
+        shape: format!("({c}, {})", 4 * c),
+        flops: None,
+        bytes: 4 * n as u64,
+        dispatches: vec![norm::partial_sums(gpu, "bench norm", n, (&grad).into(), (&partials).into(), 0)?],
+        _buffers: vec![param, grad, mm, vv, step, gnorm, partials],
+    });
+    Ok(out)
+}
+
+/// Times every kernel family at `shapes`: `warmup` untimed runs, then the median of `repeats`.
+pub fn bench_kernels(gpu: &Gpu, shapes: BenchShapes, warmup: usize, repeats: usize) -> Result<Vec<KernelTiming>, GpuError> {
+    let timing = gpu.timing_source();
+    if timing == TimingSource::WallClock {
+        log::warn!("the adapter has no timestamp queries; timing with the wall clock around a blocking poll");
+    }
+    let mut results = Vec::new();
+    for case in cases(gpu, shapes)? {
+        let times = gpu.time_dispatches(&case.kernel, &case.dispatches, warmup, repeats)?;
+        let ms = median(&times);
+        let seconds = ms / 1e3;
+        results.push(KernelTiming {
+            kernel: case.kernel,
+            shape: case.shape,
+            ms,
+            gflops: case.flops.map(|f| f as f64 / seconds / 1e9),
+            gbps: if case.flops.is_none() { Some(case.bytes as f64 / seconds / 1e9) } else { None },
+            timing,
+        });
+    }
+    Ok(results)
+}

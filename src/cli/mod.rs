@@ -1,0 +1,94 @@
+//! Subcommands: parse arguments, turn them into library settings, run.
+
+mod bench;
+mod devices;
+mod plan;
+mod predict;
+mod train;
+
+use clap::{Args, Parser, Subcommand};
+use shadertune::gpu::{BackendChoice, Gpu, GpuOptions};
+use std::process::ExitCode;
+
+/// Fine-tune, train and run GPT-2-family models with WGSL compute shaders on any GPU that wgpu
+/// reaches (Vulkan, Metal, DX12, OpenGL).
+#[derive(Parser, Debug)]
+#[command(name = "shadertune", version, about, long_about = None)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// List every GPU adapter with its backend, driver, limits and features.
+    Devices(devices::DevicesArgs),
+    /// Print the execution plan of a model: dispatches, FLOPs, parameters and peak memory.
+    Plan(plan::PlanArgs),
+    /// Fine-tune a GPT into a text classifier and write the model and its report card.
+    Train(train::TrainArgs),
+    /// Evaluate a trained classifier on a labelled file and write its report card.
+    Eval(predict::EvalArgs),
+    /// Classify texts with a trained classifier.
+    Predict(predict::PredictArgs),
+    /// Benchmark kernels.
+    Bench(bench::BenchArgs),
+}
+
+/// Adapter selection, shared by every command that runs kernels.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DeviceArgs {
+    /// Graphics API to use: auto, vulkan, metal, dx12 or gl.
+    #[arg(long, default_value = "auto", value_parser = parse_backend)]
+    pub backend: BackendChoice,
+    /// Adapter index as listed by `shadertune devices` (default: the first hardware adapter).
+    #[arg(long)]
+    pub adapter: Option<usize>,
+}
+
+fn parse_backend(s: &str) -> Result<BackendChoice, String> {
+    s.parse()
+}
+
+impl DeviceArgs {
+    pub fn options(&self) -> GpuOptions {
+        GpuOptions { backend: self.backend, adapter: self.adapter }
+    }
+
+    pub fn open(&self) -> anyhow::Result<Gpu> {
+        Ok(Gpu::new(&self.options())?)
+    }
+}
+
+/// Parses arguments, runs the command, prints the error chain once on failure.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_secs()
+        .init();
+    let result = match cli.command {
+        Command::Devices(args) => devices::run(&args),
+        Command::Plan(args) => plan::run(&args),
+        Command::Train(args) => train::run(&args),
+        Command::Eval(args) => predict::run_eval(&args),
+        Command::Predict(args) => predict::run_predict(&args),
+        Command::Bench(args) => bench::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            if is_broken_pipe(&error) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error
+        .chain()
+        .filter_map(|e| e.downcast_ref::<std::io::Error>())
+        .any(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+}

@@ -1,0 +1,101 @@
+//! `shadertune plan`: what one training step costs, before anything runs.
+
+use clap::Args;
+use shadertune::model::config::Gpt2Config;
+use shadertune::model::gpt2::{plan_summary, BatchShape, Head, Trainable};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    /// Hugging Face model directory whose config.json gives the shapes.
+    #[arg(long, conflicts_with = "config")]
+    model: Option<PathBuf>,
+    /// A config.json, or a preset: `mini` or `small` (GPT-2 124M). Weights are not needed.
+    #[arg(long)]
+    config: Option<String>,
+    /// Parameters to train: head, last-blocks:N (last N blocks, final layer norm and head) or all.
+    #[arg(long, default_value = "last-blocks:1")]
+    train: Trainable,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 120)]
+    max_length: usize,
+    /// Number of classes of the classification head.
+    #[arg(long, default_value_t = 2)]
+    num_labels: usize,
+    /// Plan the language-model head (tied to wte) instead of a classification head.
+    #[arg(long)]
+    lm: bool,
+    /// Include gradient clipping by global norm in the optimizer.
+    #[arg(long)]
+    clip: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: super::DeviceArgs,
+}
+
+/// Storage binding limit assumed when no adapter can be opened: the WebGPU default, 128 MiB.
+const DEFAULT_MAX_BINDING: u64 = 128 << 20;
+
+pub(crate) fn load_config(model: Option<&PathBuf>, config: Option<&str>) -> anyhow::Result<Gpt2Config> {
+    let config = match (model, config) {
+        (Some(dir), _) => Gpt2Config::from_file(&dir.join("config.json"))?,
+        (None, Some("mini")) => Gpt2Config::mini(),
+        (None, Some("small")) => Gpt2Config::small(),
+        (None, Some(path)) => Gpt2Config::from_file(std::path::Path::new(path))?,
+        (None, None) => anyhow::bail!("no model given: pass --model DIR or --config PATH|mini|small"),
+    };
+    Ok(config)
+}
+
+pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
+    let config = load_config(args.model.as_ref(), args.config.as_deref())?;
+    if args.max_length == 0 || args.max_length > config.n_positions {
+        anyhow::bail!("--max-length {} is out of range: expected 1..={} (n_positions of the model)", args.max_length, config.n_positions);
+    }
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    if let Trainable::LastBlocks(n) = args.train {
+        if n > config.n_layer {
+            anyhow::bail!("--train last-blocks:{n} asks for more blocks than the model has ({})", config.n_layer);
+        }
+    }
+    let max_binding = match args.device.open() {
+        Ok(gpu) => gpu.limits().max_storage_buffer_binding_size,
+        Err(e) => {
+            log::warn!("no adapter ({e:#}); planning with a {DEFAULT_MAX_BINDING}-byte storage binding limit");
+            DEFAULT_MAX_BINDING
+        }
+    };
+    let head = if args.lm { Head::LanguageModel } else { Head::Classifier { num_labels: args.num_labels } };
+    let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
+    let s = plan_summary(&config, head, shape, args.train, args.clip, max_binding);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    const MIB: f64 = 1024.0 * 1024.0;
+    let gflop = |f: u64| f as f64 / 1e9;
+    println!(
+        "model: {} layers, {} heads, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
+        config.n_layer, config.n_head, config.n_embd, config.vocab_size, args.batch_size, args.max_length, args.train
+    );
+    println!("dispatches:        {} forward, {} backward, {} optimizer", s.forward_dispatches, s.backward_dispatches, s.optimizer_dispatches);
+    println!("FLOPs per step:    {:.2} GFLOP forward, {:.2} GFLOP backward", gflop(s.forward_flops), gflop(s.backward_flops));
+    println!("parameters:        {} trainable, {} frozen", s.trainable_params, s.frozen_params);
+    println!("gradient buffers:  {}", s.gradient_buffers);
+    println!(
+        "memory:            {:.1} MiB peak = {:.1} MiB parameters + {:.1} MiB gradients and AdamW moments + {:.1} MiB activations (without reuse {:.1} MiB) + inputs",
+        s.peak_bytes as f64 / MIB,
+        s.param_bytes as f64 / MIB,
+        s.optimizer_bytes as f64 / MIB,
+        s.activation_bytes as f64 / MIB,
+        s.activation_bytes_without_reuse as f64 / MIB
+    );
+    Ok(())
+}

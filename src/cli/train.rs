@@ -1,0 +1,217 @@
+//! `shadertune train`: fine-tune a GPT into a text classifier and write its report card.
+
+use clap::Args;
+use shadertune::data::{Balance, ColumnSpec, DataFormat, ReadOptions};
+use shadertune::model::gpt2::Trainable;
+use shadertune::model::load::{assets_dir, default_model_dir};
+use shadertune::train::classifier::{train_classifier, Report, TrainConfig};
+use shadertune::train::report::{format_confusion_table, format_per_label};
+use shadertune::train::schedule::Schedule;
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub(crate) struct TrainArgs {
+    /// Model: a Hugging Face directory (config.json, model.safetensors, tokenizer) or a name in
+    /// the local Hugging Face cache (gpt2, gpt2-medium, gpt2-large, gpt2-xl). Default: the
+    /// bundled model.
+    #[arg(long)]
+    model: Option<String>,
+    /// Labelled data: TSV (label<TAB>text or text<TAB>label), CSV with a header, JSONL, or a
+    /// directory of such files. Default: the bundled SMS Spam Collection.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    #[command(flatten)]
+    columns: DataArgs,
+    /// Label balancing before the split: undersample (every label cut to the rarest one's
+    /// count) or none.
+    #[arg(long, default_value = "undersample", value_parser = parse_balance)]
+    balance: Balance,
+    /// Train, validation and test fractions, summing to 1.
+    #[arg(long, default_value = "0.7,0.1,0.2", value_parser = parse_split)]
+    split: [f64; 3],
+    /// Seed of balancing, splitting, shuffling and initialisation.
+    #[arg(long, default_value_t = 123)]
+    seed: u64,
+    /// Tokens per example; longer texts are truncated and counted. Default: the longest
+    /// training example, capped at the model's n_positions.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Parameters to train: head, last-blocks:N (last N blocks + final layer norm + head) or all.
+    /// Default: last-blocks:1, or all for a model without weights.
+    #[arg(long)]
+    train: Option<Trainable>,
+    /// Peak learning rate of AdamW. Default: 5e-5, or the bundled model's recommendation.
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Decoupled weight decay of AdamW.
+    #[arg(long, default_value_t = 0.1)]
+    weight_decay: f32,
+    /// Passes over the training split. Default: 5, or the bundled model's recommendation.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Micro-batches whose gradients are summed per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// Optimizer steps of linear learning-rate warm-up.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: usize,
+    /// Learning rate after warm-up: constant or cosine (decays to 0 at the last step).
+    #[arg(long, default_value = "constant")]
+    schedule: Schedule,
+    /// Clip gradients to this global L2 norm (off by default).
+    #[arg(long)]
+    clip_grad_norm: Option<f32>,
+    /// Evaluate every this many optimizer steps.
+    #[arg(long, default_value_t = 50)]
+    eval_every: usize,
+    /// Batches of each split in a periodic evaluation.
+    #[arg(long, default_value_t = 5)]
+    eval_batches: usize,
+    /// Output directory. Default: runs/<timestamp>.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    device: super::DeviceArgs,
+}
+
+/// Column and format selection, shared by `train` and `eval`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DataArgs {
+    /// Text column: a header name, or a 0-based index in a file without a header.
+    #[arg(long)]
+    text_column: Option<String>,
+    /// Label column: a header name, or a 0-based index in a file without a header.
+    #[arg(long)]
+    label_column: Option<String>,
+    /// Data format when the extension does not tell: tsv, csv or jsonl.
+    #[arg(long)]
+    format: Option<String>,
+}
+
+impl DataArgs {
+    pub fn read_options(&self) -> anyhow::Result<ReadOptions> {
+        let column = |s: &Option<String>| {
+            s.as_ref().map(|v| match v.parse::<usize>() {
+                Ok(i) => ColumnSpec::Index(i),
+                Err(_) => ColumnSpec::Name(v.clone()),
+            })
+        };
+        let format = match self.format.as_deref() {
+            None => None,
+            Some("tsv") => Some(DataFormat::Tsv),
+            Some("csv") => Some(DataFormat::Csv),
+            Some("jsonl") | Some("json") => Some(DataFormat::Jsonl),
+            Some(other) => anyhow::bail!("invalid --format `{other}`, expected tsv, csv or jsonl"),
+        };
+        Ok(ReadOptions { format, text_column: column(&self.text_column), label_column: column(&self.label_column), tsv_header: None })
+    }
+}
+
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    match s {
+        "undersample" => Ok(Balance::Undersample),
+        "none" => Ok(Balance::None),
+        other => Err(format!("invalid balance `{other}`, expected undersample or none")),
+    }
+}
+
+fn parse_split(s: &str) -> Result<[f64; 3], String> {
+    let parts: Vec<&str> = s.split(',').collect();
+    if parts.len() != 3 {
+        return Err(format!("invalid split `{s}`, expected three fractions such as 0.7,0.1,0.2"));
+    }
+    let mut out = [0.0; 3];
+    for (o, p) in out.iter_mut().zip(&parts) {
+        *o = p.trim().parse().map_err(|_| format!("invalid fraction `{p}` in --split {s}"))?;
+    }
+    Ok(out)
+}
+
+/// Training settings recommended by a bundled model, read from `shadertune.json` beside it.
+#[derive(serde::Deserialize, Default)]
+struct Recommendation {
+    train: Option<String>,
+    lr: Option<f32>,
+    epochs: Option<usize>,
+}
+
+pub(crate) fn resolve_model(spec: Option<&str>) -> anyhow::Result<PathBuf> {
+    match spec {
+        None => Ok(default_model_dir()),
+        // A directory with a config but no weights is a model to train from random weights.
+        Some(s) if Path::new(s).join("config.json").is_file() && !Path::new(s).join("model.safetensors").exists() => {
+            Ok(PathBuf::from(s))
+        }
+        Some(s) => Ok(shadertune::model::hub::resolve_model(s)?),
+    }
+}
+
+fn timestamp_dir() -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    PathBuf::from("runs").join(format!("{secs}"))
+}
+
+pub(crate) fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    let model_dir = resolve_model(args.model.as_deref())?;
+    let data = args.data.clone().unwrap_or_else(|| assets_dir().join("data").join("sms_spam").join("SMSSpamCollection"));
+    let out = args.out.clone().unwrap_or_else(timestamp_dir);
+    let mut config = TrainConfig::new(model_dir.clone(), data, out.clone());
+    let recommendation: Recommendation = match std::fs::read_to_string(model_dir.join("shadertune.json")) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", model_dir.join("shadertune.json").display()))?,
+        Err(_) => Recommendation::default(),
+    };
+    let has_weights = model_dir.join("model.safetensors").exists();
+    config.read = args.columns.read_options()?;
+    config.balance = args.balance;
+    config.split = args.split;
+    config.seed = args.seed;
+    config.max_length = args.max_length;
+    config.trainable = match (&args.train, &recommendation.train) {
+        (Some(t), _) => *t,
+        (None, Some(t)) => t.parse().map_err(|e: String| anyhow::anyhow!(e))?,
+        (None, None) if !has_weights => Trainable::All,
+        (None, None) => Trainable::LastBlocks(1),
+    };
+    if let Some(lr) = args.lr.or(recommendation.lr) {
+        config.lr = lr;
+    }
+    if let Some(epochs) = args.epochs.or(recommendation.epochs) {
+        config.epochs = epochs;
+    }
+    config.weight_decay = args.weight_decay;
+    config.batch_size = args.batch_size;
+    config.grad_accum = args.grad_accum;
+    config.warmup_steps = args.warmup_steps;
+    config.schedule = args.schedule;
+    config.clip_grad_norm = args.clip_grad_norm;
+    config.eval_every = args.eval_every;
+    config.eval_batches = args.eval_batches;
+
+    let gpu = args.device.open()?;
+    log::info!(
+        "training {} on {} (train {}, lr {}, {} epochs, batch {})",
+        model_dir.display(),
+        config.data.display(),
+        config.trainable,
+        config.lr,
+        config.epochs,
+        config.batch_size
+    );
+    let report = train_classifier(&gpu, &config)?;
+    print_report(&report);
+    println!("\nwrote {}", out.display());
+    Ok(())
+}
+
+pub(crate) fn print_report(report: &Report) {
+    println!();
+    for (name, m) in [("train", &report.train), ("validation", &report.validation), ("test", &report.test)] {
+        println!("{name:>10}: accuracy {:.4}, loss {:.4} ({} examples)", m.accuracy, m.loss, m.confusion_matrix.iter().flatten().sum::<u64>());
+    }
+    println!("\ntest confusion matrix (rows: true label, columns: predicted):");
+    println!("{}", format_confusion_table(&report.test));
+    println!("{}", format_per_label(&report.test));
+}

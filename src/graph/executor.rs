@@ -1,0 +1,475 @@
+//! Executor: buffers, pipelines and bind groups created once, a step replayed from one encoder.
+
+use super::ir::{chunk_shape, Op, TensorId};
+use super::plan::{Kernel, Plan, PlanOptions, Storage};
+use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
+use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, norm, pooling, residual};
+use crate::model::weights::{HostTensor, Weights};
+use std::collections::HashMap;
+
+/// Optimizer settings of a training session.
+#[derive(Clone, Copy, Debug)]
+pub struct OptimizerSettings {
+    /// AdamW first-moment decay.
+    pub beta1: f32,
+    /// AdamW second-moment decay.
+    pub beta2: f32,
+    /// AdamW denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay, applied to every trainable tensor.
+    pub weight_decay: f32,
+    /// Clip gradients to this global L2 norm; `None` disables clipping.
+    pub clip_grad_norm: Option<f32>,
+}
+
+impl Default for OptimizerSettings {
+    fn default() -> Self {
+        // torch.optim.AdamW defaults, with the fine-tuning weight decay of 0.1.
+        OptimizerSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, clip_grad_norm: None }
+    }
+}
+
+/// What the host writes before a step. Lengths are the real token counts of each row (1..=T);
+/// targets are class indices (classifier) or next-token ids (language model), negative to ignore.
+pub struct StepInputs<'a> {
+    /// Token ids (B*T), right-padded.
+    pub ids: &'a [u32],
+    /// Real tokens per sequence (B).
+    pub lengths: &'a [u32],
+    /// Targets, one per loss row, negative where ignored.
+    pub targets: &'a [i32],
+}
+
+/// Scalars read back after a step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOutputs {
+    /// Mean loss over the counted rows.
+    pub loss: f32,
+    /// Rows that counted towards the loss.
+    pub counted: f32,
+}
+
+/// A planned model on a device, ready to run steps.
+pub struct Session<'g> {
+    gpu: &'g Gpu,
+    plan: Plan,
+    dedicated: HashMap<TensorId, wgpu::Buffer>,
+    pool: Vec<wgpu::Buffer>,
+    dispatches: Vec<Dispatch>,
+    forward_dispatches: usize,
+    backward_dispatches: usize,
+    step_buffer: wgpu::Buffer,
+    settings: OptimizerSettings,
+    optimizer_steps: u64,
+    by_name: HashMap<String, TensorId>,
+}
+
+impl<'g> Session<'g> {
+    /// Plans `graph`, checks it against the adapter's limits, allocates every buffer, uploads
+    /// the parameters from `weights` and creates every dispatch.
+    pub(crate) fn new(
+        gpu: &'g Gpu,
+        graph: super::ir::Graph,
+        weights: &Weights,
+        train: bool,
+        settings: OptimizerSettings,
+    ) -> Result<Session<'g>, GpuError> {
+        let plan = Plan::new(graph, PlanOptions { train, clip: settings.clip_grad_norm.is_some() });
+        check_limits(gpu, &plan)?;
+        let summary = plan.summary();
+        log::info!(
+            "plan: {} forward + {} backward + {} optimizer dispatches, {:.1} MiB peak",
+            summary.forward_dispatches,
+            summary.backward_dispatches,
+            summary.optimizer_dispatches,
+            summary.peak_bytes as f64 / (1 << 20) as f64
+        );
+        let mut dedicated = HashMap::new();
+        let mut by_name = HashMap::new();
+        for (id, t) in plan.graph.tensors.iter().enumerate() {
+            by_name.insert(t.name.clone(), id);
+            if plan.storage[id] == Storage::Dedicated {
+                dedicated.insert(id, gpu.storage_buffer(&t.name, t.bytes())?);
+            }
+        }
+        let pool = plan
+            .pool_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &bytes)| gpu.storage_buffer(&format!("activation pool {i}"), bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let step_buffer = gpu.storage_buffer("adamw step", std::mem::size_of::<adamw::AdamWStep>() as u64)?;
+        let mut session = Session {
+            gpu,
+            plan,
+            dedicated,
+            pool,
+            dispatches: Vec::new(),
+            forward_dispatches: 0,
+            backward_dispatches: 0,
+            step_buffer,
+            settings,
+            optimizer_steps: 0,
+            by_name,
+        };
+        session.upload_weights(weights)?;
+        session.build_dispatches()?;
+        Ok(session)
+    }
+
+    fn binding(&self, t: TensorId) -> TensorBinding<'_> {
+        let bytes = self.plan.graph.tensors[t].bytes();
+        let buffer = match self.plan.storage[t] {
+            Storage::Dedicated => &self.dedicated[&t],
+            Storage::Pool(b) => &self.pool[b],
+            Storage::Unused => panic!("tensor `{}` is bound but the plan never uses it", self.plan.graph.tensors[t].name),
+        };
+        TensorBinding { buffer, offset: 0, size: bytes.max(4) }
+    }
+
+    /// Parameters, gradients and counts of the plan.
+    pub fn summary(&self) -> super::PlanSummary {
+        self.plan.summary()
+    }
+
+    fn upload_weights(&mut self, weights: &Weights) -> Result<(), GpuError> {
+        for source in &self.plan.graph.params {
+            let Some(buffer) = self.dedicated.get(&source.tensor) else { continue };
+            let host = weights.get(&source.name).unwrap_or_else(|| {
+                panic!("weight `{}` missing after loading; the loader checks every expected name", source.name)
+            });
+            let row_len: usize = host.shape[1..].iter().product::<usize>().max(1);
+            let start = source.row_offset * row_len;
+            let end = start + source.rows * row_len;
+            self.gpu.write(buffer, 0, &host.data[start..end]);
+        }
+        Ok(())
+    }
+
+    /// Reads every parameter back into host weights, joining row chunks.
+    pub fn download_weights(&self, into: &mut Weights) -> Result<(), GpuError> {
+        for source in &self.plan.graph.params {
+            let Some(buffer) = self.dedicated.get(&source.tensor) else { continue };
+            let len = self.plan.graph.tensors[source.tensor].len();
+            let values: Vec<f32> = self.gpu.read(buffer, 0, len)?;
+            let host: &mut HostTensor = into.get_mut(&source.name).unwrap_or_else(|| {
+                panic!("weight `{}` missing from the host copy the session was created from", source.name)
+            });
+            let row_len: usize = host.shape[1..].iter().product::<usize>().max(1);
+            let start = source.row_offset * row_len;
+            host.data[start..start + len].copy_from_slice(&values);
+        }
+        Ok(())
+    }
+
+    /// Reads a tensor by name (an output, a parameter or a parameter gradient).
+    pub fn read_tensor(&self, name: &str) -> Result<Option<Vec<f32>>, GpuError> {
+        let Some(&id) = self.by_name.get(name) else { return Ok(None) };
+        if self.plan.storage[id] != Storage::Dedicated {
+            return Ok(None);
+        }
+        let len = self.plan.graph.tensors[id].len();
+        Ok(Some(self.gpu.read(&self.dedicated[&id], 0, len)?))
+    }
+
+    fn input(&self, name: &str) -> Option<&wgpu::Buffer> {
+        let id = *self.by_name.get(name)?;
+        self.dedicated.get(&id)
+    }
+
+    /// Writes one batch into the input buffers.
+    pub fn set_inputs(&self, inputs: &StepInputs<'_>) {
+        let ids = self.input("ids").expect("every graph has token ids");
+        self.gpu.write(ids, 0, inputs.ids);
+        if let Some(buffer) = self.input("lengths") {
+            self.gpu.write(buffer, 0, inputs.lengths);
+        }
+        let targets = self.input("targets").expect("every graph has targets");
+        self.gpu.write(targets, 0, inputs.targets);
+        if let (Some(order), Some(segments)) = (self.input("token_order"), self.input("token_segments")) {
+            let s = embedding::token_segments(inputs.ids);
+            self.gpu.write(order, 0, &s.order);
+            self.gpu.write(segments, 0, &s.segments);
+        }
+    }
+
+    /// Records the forward pass, and with `train` the backward pass, into one command encoder
+    /// and submits it. With `update`, the optimizer runs too with learning rate `lr`.
+    pub fn submit(&mut self, train: bool, update: Option<f32>, grad_scale: f32) -> Result<(), GpuError> {
+        let end = if !train {
+            self.forward_dispatches
+        } else if update.is_some() {
+            self.dispatches.len()
+        } else {
+            self.forward_dispatches + self.backward_dispatches
+        };
+        if let Some(lr) = update {
+            self.optimizer_steps += 1;
+            let t = self.optimizer_steps as i32;
+            let s = &self.settings;
+            let step = adamw::AdamWStep {
+                lr,
+                beta1: s.beta1,
+                beta2: s.beta2,
+                eps: s.eps,
+                bias_correction1: 1.0 - s.beta1.powi(t),
+                bias_correction2: 1.0 - s.beta2.powi(t),
+                max_norm: s.clip_grad_norm.unwrap_or(0.0),
+                grad_scale,
+            };
+            self.gpu.write(&self.step_buffer, 0, &[step]);
+        }
+        let mut encoder = self
+            .gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("training step") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("training step"),
+                timestamp_writes: None,
+            });
+            for dispatch in &self.dispatches[..end] {
+                dispatch.record(&mut pass);
+            }
+        }
+        self.gpu.queue.submit(Some(encoder.finish()));
+        self.gpu.check_errors("training step")
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.optimizer_steps
+    }
+
+    /// Reads the loss of the last submitted step (waits for it).
+    pub fn read_loss(&self) -> Result<StepOutputs, GpuError> {
+        let values = self.read_tensor("loss")?.expect("every graph has a loss output");
+        Ok(StepOutputs { loss: values[0], counted: values[1] })
+    }
+
+    /// Reads the logits of the last submitted step (waits for it).
+    pub fn read_logits(&self) -> Result<Vec<f32>, GpuError> {
+        Ok(self.read_tensor("logits")?.expect("every graph has a logits output"))
+    }
+
+    fn build_dispatches(&mut self) -> Result<(), GpuError> {
+        let mut dispatches = Vec::new();
+        let mut forward = 0;
+        let mut backward = 0;
+        for (i, kernel) in self.plan.kernels.iter().enumerate() {
+            let before = dispatches.len();
+            self.kernel_dispatches(kernel, &mut dispatches)?;
+            if i < self.plan.forward_end {
+                forward += dispatches.len() - before;
+            } else if i < self.plan.backward_end {
+                backward += dispatches.len() - before;
+            }
+        }
+        self.dispatches = dispatches;
+        self.forward_dispatches = forward;
+        self.backward_dispatches = backward;
+        Ok(())
+    }
+
+    fn name(&self, t: TensorId) -> &str {
+        &self.plan.graph.tensors[t].name
+    }
+
+    fn kernel_dispatches(&self, kernel: &Kernel, out: &mut Vec<Dispatch>) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let b = |t: TensorId| self.binding(t);
+        match kernel {
+            Kernel::Forward(op) => match op {
+                Op::Embedding { batch, seq_len, channels, ids, wte, wpe, out: o } => {
+                    for chunk in wte {
+                        out.push(embedding::forward(
+                            gpu,
+                            &format!("embedding {}", self.name(chunk.tensor)),
+                            *batch,
+                            *seq_len,
+                            *channels,
+                            b(*ids),
+                            b(chunk.tensor),
+                            chunk.row_offset,
+                            chunk.rows,
+                            b(*wpe),
+                            b(*o),
+                        )?);
+                    }
+                }
+                Op::LayerNorm { rows, channels, eps, inp, weight, bias, out: o, mean, rstd } => {
+                    out.push(layernorm::forward(
+                        gpu,
+                        &format!("layernorm {}", self.name(*o)),
+                        *rows,
+                        *channels,
+                        *eps,
+                        b(*inp),
+                        b(*weight),
+                        b(*bias),
+                        b(*o),
+                        b(*mean),
+                        b(*rstd),
+                    )?);
+                }
+                Op::Matmul { rows, inner, cols, layout, inp, weight, bias, out: o } => {
+                    for chunk in weight {
+                        let shape = chunk_shape(*rows, *inner, *cols, *layout, weight, chunk);
+                        out.push(matmul::forward(
+                            gpu,
+                            &format!("matmul {}", self.name(chunk.tensor)),
+                            shape,
+                            b(*inp),
+                            b(chunk.tensor),
+                            bias.map(b),
+                            b(*o),
+                        )?);
+                    }
+                }
+                Op::Gelu { len, inp, out: o } => {
+                    out.push(gelu::forward(gpu, &format!("gelu {}", self.name(*o)), *len, b(*inp), b(*o))?);
+                }
+                Op::Add { len, a, b: bb, out: o } => {
+                    out.push(residual::forward(gpu, &format!("residual {}", self.name(*o)), *len, b(*a), b(*bb), b(*o))?);
+                }
+                Op::Attention { shape, qkv, att, out: o } => {
+                    out.extend(attention::forward(gpu, &format!("attention {}", self.name(*o)), *shape, b(*qkv), b(*att), b(*o))?);
+                }
+                Op::PoolLast { batch, seq_len, channels, hidden, lengths, pooled } => {
+                    out.push(pooling::forward(gpu, "pool last token", *batch, *seq_len, *channels, b(*hidden), b(*lengths), b(*pooled))?);
+                }
+                Op::CrossEntropy { rows, classes, logits, targets, losses, loss } => {
+                    out.push(crossentropy::forward(gpu, "cross-entropy", *rows, *classes, b(*logits), b(*targets), b(*losses))?);
+                    out.push(crossentropy::mean(gpu, "cross-entropy mean", *rows, b(*losses), b(*targets), b(*loss))?);
+                }
+            },
+            Kernel::XentBackward { rows, classes, logits, targets, loss, dlogits } => {
+                out.push(crossentropy::backward(gpu, "cross-entropy backward", *rows, *classes, b(*logits), b(*targets), b(*loss), b(*dlogits))?);
+            }
+            Kernel::PoolBackward { batch, seq_len, channels, dpooled, lengths, dhidden, accumulate } => {
+                out.push(pooling::backward(gpu, "pool backward", *batch, *seq_len, *channels, b(*dpooled), b(*lengths), b(*dhidden), *accumulate)?);
+            }
+            Kernel::MatmulInput { shape, dout, weight, dinp, accumulate } => {
+                out.push(matmul::backward_input(gpu, &format!("matmul input grad {}", self.name(*dinp)), *shape, b(*dout), b(*weight), b(*dinp), *accumulate)?);
+            }
+            Kernel::MatmulWeight { shape, inp, dout, dweight } => {
+                out.push(matmul::backward_weight(gpu, &format!("matmul weight grad {}", self.name(*dweight)), *shape, b(*inp), b(*dout), b(*dweight))?);
+            }
+            Kernel::MatmulBias { shape, dout, dbias } => {
+                out.push(matmul::backward_bias(gpu, &format!("matmul bias grad {}", self.name(*dbias)), *shape, b(*dout), b(*dbias))?);
+            }
+            Kernel::GeluBackward { len, inp, dout, dinp, accumulate } => {
+                out.push(gelu::backward(gpu, &format!("gelu backward {}", self.name(*dinp)), *len, b(*inp), b(*dout), b(*dinp), *accumulate)?);
+            }
+            Kernel::LayerNormInput { rows, channels, dout, inp, weight, mean, rstd, dinp, accumulate } => {
+                out.push(layernorm::backward_input(
+                    gpu,
+                    &format!("layernorm input grad {}", self.name(*dinp)),
+                    *rows,
+                    *channels,
+                    b(*dout),
+                    b(*inp),
+                    b(*weight),
+                    b(*mean),
+                    b(*rstd),
+                    b(*dinp),
+                    *accumulate,
+                )?);
+            }
+            Kernel::LayerNormParams { rows, channels, dout, inp, mean, rstd, dweight, dbias } => {
+                out.push(layernorm::backward_params(
+                    gpu,
+                    &format!("layernorm param grad {}", self.name(*dweight)),
+                    *rows,
+                    *channels,
+                    b(*dout),
+                    b(*inp),
+                    b(*mean),
+                    b(*rstd),
+                    b(*dweight),
+                    b(*dbias),
+                )?);
+            }
+            Kernel::AttentionBackward { shape, dout, qkv, att, datt, dqkv, accumulate } => {
+                out.extend(attention::backward(
+                    gpu,
+                    &format!("attention backward {}", self.name(*dqkv)),
+                    *shape,
+                    b(*dout),
+                    b(*qkv),
+                    b(*att),
+                    b(*datt),
+                    b(*dqkv),
+                    *accumulate,
+                )?);
+            }
+            Kernel::Copy { len, src, dst, accumulate } => {
+                out.push(residual::copy_or_accumulate(gpu, &format!("residual grad {}", self.name(*dst)), *len, *accumulate, b(*src), b(*dst))?);
+            }
+            Kernel::EmbeddingToken { batch, seq_len, channels, order, segments, dout, dwte, row_offset, rows } => {
+                out.push(embedding::backward_token(
+                    gpu,
+                    &format!("embedding grad {}", self.name(*dwte)),
+                    *batch,
+                    *seq_len,
+                    *channels,
+                    b(*order),
+                    b(*segments),
+                    b(*dout),
+                    b(*dwte),
+                    *row_offset,
+                    *rows,
+                )?);
+            }
+            Kernel::EmbeddingPosition { batch, seq_len, channels, dout, dwpe } => {
+                out.push(embedding::backward_position(gpu, "position embedding grad", *batch, *seq_len, *channels, b(*dout), b(*dwpe))?);
+            }
+            Kernel::NormPartials { len, grad, partials, offset } => {
+                out.push(norm::partial_sums(gpu, &format!("grad norm {}", self.name(*grad)), *len, b(*grad), b(*partials), *offset)?);
+            }
+            Kernel::NormFinalize { count, partials, norm: n } => {
+                out.push(norm::finalize(gpu, "grad norm total", *count, b(*partials), b(*n))?);
+            }
+            Kernel::AdamW { len, param, grad, m, v } => {
+                let norm_binding = match self.plan.norm {
+                    Some(n) => b(n),
+                    None => gpu.placeholder(),
+                };
+                out.push(adamw::update(
+                    gpu,
+                    &format!("adamw {}", self.name(*param)),
+                    *len,
+                    self.settings.weight_decay,
+                    TensorBinding::whole(&self.step_buffer),
+                    norm_binding,
+                    b(*param),
+                    b(*grad),
+                    b(*m),
+                    b(*v),
+                )?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Rejects a plan whose buffers exceed the adapter's binding or buffer limits, before any
+/// allocation, with the numbers and what to reduce.
+fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<(), GpuError> {
+    let limits = gpu.limits();
+    for (id, t) in plan.graph.tensors.iter().enumerate() {
+        if plan.storage[id] == Storage::Unused {
+            continue;
+        }
+        let limit = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        if t.bytes() > limit {
+            return Err(GpuError::PlanTooLarge {
+                tensor: t.name.clone(),
+                shape: format!("{:?}", t.shape),
+                bytes: t.bytes(),
+                limit,
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,347 @@
+//! Planner: the full kernel sequence of a step, tensor lifetimes, buffer reuse and peak memory.
+
+use super::autodiff::{self, Backward};
+use super::ir::{DType, Graph, Op, TensorId, TensorKind};
+use crate::kernels::attention::AttentionShape;
+use crate::kernels::matmul::MatmulShape;
+
+/// One kernel of a step, with every tensor it binds.
+#[derive(Clone, Debug)]
+pub(crate) enum Kernel {
+    Forward(Op),
+    XentBackward { rows: usize, classes: usize, logits: TensorId, targets: TensorId, loss: TensorId, dlogits: TensorId },
+    PoolBackward { batch: usize, seq_len: usize, channels: usize, dpooled: TensorId, lengths: TensorId, dhidden: TensorId, accumulate: bool },
+    MatmulInput { shape: MatmulShape, dout: TensorId, weight: TensorId, dinp: TensorId, accumulate: bool },
+    MatmulWeight { shape: MatmulShape, inp: TensorId, dout: TensorId, dweight: TensorId },
+    MatmulBias { shape: MatmulShape, dout: TensorId, dbias: TensorId },
+    GeluBackward { len: usize, inp: TensorId, dout: TensorId, dinp: TensorId, accumulate: bool },
+    LayerNormInput {
+        rows: usize,
+        channels: usize,
+        dout: TensorId,
+        inp: TensorId,
+        weight: TensorId,
+        mean: TensorId,
+        rstd: TensorId,
+        dinp: TensorId,
+        accumulate: bool,
+    },
+    LayerNormParams {
+        rows: usize,
+        channels: usize,
+        dout: TensorId,
+        inp: TensorId,
+        mean: TensorId,
+        rstd: TensorId,
+        dweight: TensorId,
+        dbias: TensorId,
+    },
+    AttentionBackward { shape: AttentionShape, dout: TensorId, qkv: TensorId, att: TensorId, datt: TensorId, dqkv: TensorId, accumulate: bool },
+    Copy { len: usize, src: TensorId, dst: TensorId, accumulate: bool },
+    EmbeddingToken {
+        batch: usize,
+        seq_len: usize,
+        channels: usize,
+        order: TensorId,
+        segments: TensorId,
+        dout: TensorId,
+        dwte: TensorId,
+        row_offset: usize,
+        rows: usize,
+    },
+    EmbeddingPosition { batch: usize, seq_len: usize, channels: usize, dout: TensorId, dwpe: TensorId },
+    NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize },
+    NormFinalize { count: usize, partials: TensorId, norm: TensorId },
+    AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId },
+}
+
+impl Kernel {
+    /// Every tensor the kernel binds.
+    pub fn tensors(&self) -> Vec<TensorId> {
+        use Kernel::*;
+        match self {
+            Forward(op) => {
+                let mut v = op.inputs();
+                v.extend(op.outputs());
+                v
+            }
+            XentBackward { logits, targets, loss, dlogits, .. } => vec![*logits, *targets, *loss, *dlogits],
+            PoolBackward { dpooled, lengths, dhidden, .. } => vec![*dpooled, *lengths, *dhidden],
+            MatmulInput { dout, weight, dinp, .. } => vec![*dout, *weight, *dinp],
+            MatmulWeight { inp, dout, dweight, .. } => vec![*inp, *dout, *dweight],
+            MatmulBias { dout, dbias, .. } => vec![*dout, *dbias],
+            GeluBackward { inp, dout, dinp, .. } => vec![*inp, *dout, *dinp],
+            LayerNormInput { dout, inp, weight, mean, rstd, dinp, .. } => vec![*dout, *inp, *weight, *mean, *rstd, *dinp],
+            LayerNormParams { dout, inp, mean, rstd, dweight, dbias, .. } => {
+                vec![*dout, *inp, *mean, *rstd, *dweight, *dbias]
+            }
+            AttentionBackward { dout, qkv, att, datt, dqkv, .. } => vec![*dout, *qkv, *att, *datt, *dqkv],
+            Copy { src, dst, .. } => vec![*src, *dst],
+            EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
+            EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
+            NormPartials { grad, partials, .. } => vec![*grad, *partials],
+            NormFinalize { partials, norm, .. } => vec![*partials, *norm],
+            AdamW { param, grad, m, v, .. } => vec![*param, *grad, *m, *v],
+        }
+    }
+
+    /// Floating-point operations of the kernel, counting a multiply-add as two. Matmuls and
+    /// attention products dominate; elementwise kernels count a few operations per element.
+    pub fn flops(&self) -> u64 {
+        use Kernel::*;
+        let matmul = |s: &MatmulShape| 2 * (s.rows * s.inner * s.cols) as u64;
+        // Causal attention: scores and weighted sum each cost B*NH*T*T*HS multiply-adds; the
+        // kernels compute only the lower triangle, about half of that.
+        let attention = |s: &AttentionShape| {
+            let t = s.seq_len as u64;
+            2 * 2 * (s.batch as u64) * t * t * (s.channels as u64) / 2
+        };
+        match self {
+            Forward(op) => match op {
+                Op::Embedding { batch, seq_len, channels, .. } => (batch * seq_len * channels) as u64,
+                Op::LayerNorm { rows, channels, .. } => 8 * (rows * channels) as u64,
+                Op::Matmul { rows, inner, cols, bias, .. } => {
+                    2 * (rows * inner * cols) as u64 + if bias.is_some() { (rows * cols) as u64 } else { 0 }
+                }
+                Op::Gelu { len, .. } => 12 * *len as u64,
+                Op::Add { len, .. } => *len as u64,
+                Op::Attention { shape, .. } => attention(shape) + 5 * (shape.batch * shape.num_heads * shape.seq_len * shape.seq_len) as u64 / 2,
+                Op::PoolLast { .. } => 0,
+                Op::CrossEntropy { rows, classes, .. } => 4 * (rows * classes) as u64,
+            },
+            XentBackward { rows, classes, .. } => 3 * (rows * classes) as u64,
+            PoolBackward { .. } => 0,
+            MatmulInput { shape, .. } | MatmulWeight { shape, .. } => matmul(shape),
+            MatmulBias { shape, .. } => (shape.rows * shape.cols) as u64,
+            GeluBackward { len, .. } => 16 * *len as u64,
+            LayerNormInput { rows, channels, .. } => 10 * (rows * channels) as u64,
+            LayerNormParams { rows, channels, .. } => 5 * (rows * channels) as u64,
+            AttentionBackward { shape, .. } => 2 * attention(shape) + 4 * (shape.batch * shape.num_heads * shape.seq_len * shape.seq_len) as u64 / 2,
+            Copy { len, accumulate, .. } => u64::from(*accumulate) * *len as u64,
+            EmbeddingToken { batch, seq_len, channels, .. } | EmbeddingPosition { batch, seq_len, channels, .. } => {
+                (batch * seq_len * channels) as u64
+            }
+            NormPartials { len, .. } => 2 * *len as u64,
+            NormFinalize { count, .. } => *count as u64,
+            AdamW { len, .. } => 16 * *len as u64,
+        }
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Storage {
+    /// A buffer of its own, alive for the whole session (parameters, gradients, inputs, ...).
+    Dedicated,
+    /// A shared pool buffer, reused by tensors whose lifetimes do not overlap.
+    Pool(usize),
+    /// Never touched by any kernel of the plan.
+    Unused,
+}
+
+/// What the planner knows about a step before anything runs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PlanSummary {
+    /// Dispatches of the forward pass (including the loss).
+    pub forward_dispatches: usize,
+    /// Dispatches of the backward pass.
+    pub backward_dispatches: usize,
+    /// Dispatches of the optimizer (norm reduction and AdamW).
+    pub optimizer_dispatches: usize,
+    /// Floating-point operations of the forward pass per step.
+    pub forward_flops: u64,
+    /// Floating-point operations of the backward pass per step.
+    pub backward_flops: u64,
+    /// Parameters updated by the optimizer.
+    pub trainable_params: u64,
+    /// Parameters that are frozen.
+    pub frozen_params: u64,
+    /// Bytes of every buffer the step allocates: parameters, gradients, optimizer state, inputs
+    /// and the reusable activation pool.
+    pub peak_bytes: u64,
+    /// Bytes of parameters.
+    pub param_bytes: u64,
+    /// Bytes of parameter gradients and optimizer moments.
+    pub optimizer_bytes: u64,
+    /// Bytes of the activation pool after reuse.
+    pub activation_bytes: u64,
+    /// Bytes the activations would take without reuse.
+    pub activation_bytes_without_reuse: u64,
+    /// Gradient buffers in the plan, one per trainable parameter tensor.
+    pub gradient_buffers: usize,
+}
+
+/// Options that change the kernels of a step.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanOptions {
+    /// Emit the backward pass and the optimizer.
+    pub train: bool,
+    /// Clip gradients by their global norm (adds the norm reduction kernels).
+    pub clip: bool,
+}
+
+/// The planned step: kernels in order with phase boundaries, and the storage of every tensor.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub graph: Graph,
+    pub kernels: Vec<Kernel>,
+    /// `kernels[..forward_end]` is the forward pass.
+    pub forward_end: usize,
+    /// `kernels[forward_end..backward_end]` is the backward pass, the rest the optimizer.
+    pub backward_end: usize,
+    pub storage: Vec<Storage>,
+    pub pool_sizes: Vec<u64>,
+    pub backward: Backward,
+    /// The global gradient norm, when clipping.
+    pub norm: Option<TensorId>,
+}
+
+/// Maximum number of partial sums per tensor in the norm reduction; must match the norm kernels.
+fn norm_partials(len: usize) -> usize {
+    crate::kernels::norm::partials_len(len)
+}
+
+impl Plan {
+    /// Differentiates and plans `graph` (whose last op is the loss).
+    pub fn new(mut graph: Graph, options: PlanOptions) -> Plan {
+        let mut kernels: Vec<Kernel> = graph.ops.iter().cloned().map(Kernel::Forward).collect();
+        let forward_end = kernels.len();
+        let backward = if options.train { autodiff::differentiate(&mut graph) } else { Backward::default() };
+        kernels.extend(backward.kernels.iter().cloned());
+        let backward_end = kernels.len();
+
+        let mut norm = None;
+        if options.train && !backward.param_grads.is_empty() {
+            if options.clip {
+                let total: usize = backward.param_grads.iter().map(|&(_, g)| norm_partials(graph.tensors[g].len())).sum();
+                let partials = graph.tensor("grad_norm_partials", &[total], DType::F32, TensorKind::Scratch);
+                let n = graph.tensor("grad_norm", &[1], DType::F32, TensorKind::Output);
+                let mut offset = 0;
+                for &(_, grad) in &backward.param_grads {
+                    let len = graph.tensors[grad].len();
+                    kernels.push(Kernel::NormPartials { len, grad, partials, offset });
+                    offset += norm_partials(len);
+                }
+                kernels.push(Kernel::NormFinalize { count: total, partials, norm: n });
+                norm = Some(n);
+            }
+            for &(param, grad) in &backward.param_grads {
+                let shape = graph.tensors[param].shape.clone();
+                let name = graph.tensors[param].name.clone();
+                let m = graph.tensor(format!("{name}.adam_m"), &shape, DType::F32, TensorKind::OptimizerState);
+                let v = graph.tensor(format!("{name}.adam_v"), &shape, DType::F32, TensorKind::OptimizerState);
+                kernels.push(Kernel::AdamW { len: graph.tensors[param].len(), param, grad, m, v });
+            }
+        }
+        let (storage, pool_sizes) = assign_storage(&graph, &kernels);
+        Plan { graph, kernels, forward_end, backward_end, storage, pool_sizes, backward, norm }
+    }
+
+    /// Counts, FLOPs and bytes of the plan.
+    pub fn summary(&self) -> PlanSummary {
+        let count = |range: std::ops::Range<usize>| -> usize { self.kernels[range].iter().map(dispatch_count).sum() };
+        let flops = |range: std::ops::Range<usize>| -> u64 { self.kernels[range].iter().map(Kernel::flops).sum() };
+        let mut trainable_params = 0;
+        let mut frozen_params = 0;
+        let mut param_bytes = 0;
+        let mut optimizer_bytes = 0;
+        let mut dedicated_bytes = 0;
+        let mut activation_bytes_without_reuse = 0;
+        for (id, t) in self.graph.tensors.iter().enumerate() {
+            match t.kind {
+                TensorKind::Param { trainable: true } => trainable_params += t.len() as u64,
+                TensorKind::Param { trainable: false } => frozen_params += t.len() as u64,
+                _ => {}
+            }
+            match t.kind {
+                TensorKind::Param { .. } => param_bytes += t.bytes(),
+                TensorKind::ParamGrad | TensorKind::OptimizerState => optimizer_bytes += t.bytes(),
+                _ => {}
+            }
+            match self.storage[id] {
+                Storage::Dedicated => dedicated_bytes += t.bytes(),
+                Storage::Pool(_) => activation_bytes_without_reuse += t.bytes(),
+                Storage::Unused => {}
+            }
+        }
+        let activation_bytes: u64 = self.pool_sizes.iter().sum();
+        PlanSummary {
+            forward_dispatches: count(0..self.forward_end),
+            backward_dispatches: count(self.forward_end..self.backward_end),
+            optimizer_dispatches: count(self.backward_end..self.kernels.len()),
+            forward_flops: flops(0..self.forward_end),
+            backward_flops: flops(self.forward_end..self.backward_end),
+            trainable_params,
+            frozen_params,
+            peak_bytes: dedicated_bytes + activation_bytes,
+            param_bytes,
+            optimizer_bytes,
+            activation_bytes,
+            activation_bytes_without_reuse,
+            gradient_buffers: self.backward.param_grads.len(),
+        }
+    }
+}
+
+/// Dispatches one kernel records; attention and chunked ops record several.
+pub(crate) fn dispatch_count(kernel: &Kernel) -> usize {
+    match kernel {
+        Kernel::Forward(Op::Embedding { wte, .. }) => wte.len(),
+        Kernel::Forward(Op::Matmul { weight, .. }) => weight.len(),
+        // attention::forward records scores, softmax and weighted sum; attention::backward the
+        // probability gradient, the softmax backward and the query and key/value gradients.
+        Kernel::Forward(Op::Attention { .. }) => 3,
+        Kernel::Forward(Op::CrossEntropy { .. }) => 2,
+        Kernel::AttentionBackward { .. } => 4,
+        _ => 1,
+    }
+}
+
+/// Gives persistent tensors their own buffers and packs transient ones (activations, their
+/// gradients, scratch) into pool buffers by lifetime, best fit first.
+fn assign_storage(graph: &Graph, kernels: &[Kernel]) -> (Vec<Storage>, Vec<u64>) {
+    let n = graph.tensors.len();
+    let mut first = vec![usize::MAX; n];
+    let mut last = vec![0usize; n];
+    for (i, k) in kernels.iter().enumerate() {
+        for t in k.tensors() {
+            first[t] = first[t].min(i);
+            last[t] = last[t].max(i);
+        }
+    }
+    let mut storage = vec![Storage::Unused; n];
+    let mut transient: Vec<TensorId> = Vec::new();
+    for (id, t) in graph.tensors.iter().enumerate() {
+        if first[id] == usize::MAX {
+            continue;
+        }
+        match t.kind {
+            TensorKind::Activation | TensorKind::ActivationGrad | TensorKind::Scratch => transient.push(id),
+            _ => storage[id] = Storage::Dedicated,
+        }
+    }
+    transient.sort_by_key(|&id| (first[id], id));
+    let mut pool_sizes: Vec<u64> = Vec::new();
+    // For each pool buffer, the last kernel index that uses it.
+    let mut busy_until: Vec<usize> = Vec::new();
+    for id in transient {
+        let bytes = graph.tensors[id].bytes();
+        let free = (0..pool_sizes.len()).filter(|&b| busy_until[b] < first[id]);
+        // Best fit: the smallest free buffer that holds the tensor, else the largest free one
+        // (grown to fit), else a new buffer.
+        let fitting = free.clone().filter(|&b| pool_sizes[b] >= bytes).min_by_key(|&b| pool_sizes[b]);
+        let chosen = fitting.or_else(|| free.max_by_key(|&b| pool_sizes[b]));
+        let b = match chosen {
+            Some(b) => b,
+            None => {
+                pool_sizes.push(0);
+                busy_until.push(0);
+                pool_sizes.len() - 1
+            }
+        };
+        pool_sizes[b] = pool_sizes[b].max(bytes);
+        busy_until[b] = last[id];
+        storage[id] = Storage::Pool(b);
+    }
+    (storage, pool_sizes)
+}

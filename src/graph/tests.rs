@@ -1,0 +1,99 @@
+//! Planner and autodiff properties on GPT-2 graphs, without a device.
+
+use super::ir::TensorKind;
+use super::plan::{Kernel, Plan, PlanOptions};
+use crate::model::config::Gpt2Config;
+use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
+
+/// lavapipe's storage binding limit, 128 MiB.
+const LAVAPIPE_BINDING: u64 = 128 << 20;
+
+fn plan(config: &Gpt2Config, head: Head, trainable: Trainable) -> Plan {
+    let graph = build_graph(config, head, BatchShape { batch: 8, seq_len: 120 }, trainable, LAVAPIPE_BINDING);
+    Plan::new(graph, PlanOptions { train: trainable != Trainable::Nothing, clip: true })
+}
+
+#[test]
+fn frozen_parameters_get_no_gradient() {
+    let config = Gpt2Config::small();
+    let p = plan(&config, Head::Classifier { num_labels: 2 }, Trainable::LastBlocks(1));
+    for (id, t) in p.graph.tensors.iter().enumerate() {
+        if let TensorKind::Param { trainable } = t.kind {
+            let has_grad = p.backward.param_grads.iter().any(|&(param, _)| param == id);
+            assert_eq!(has_grad, trainable, "parameter `{}` trainable={trainable} but has_grad={has_grad}", t.name);
+            let expected = t.name.starts_with("h.11.") || t.name.starts_with("ln_f.") || t.name == "score.weight";
+            assert_eq!(trainable, expected, "parameter `{}` has the wrong trainability", t.name);
+        }
+    }
+    // No backward kernel touches a block below the last one.
+    for k in &p.kernels[p.forward_end..p.backward_end] {
+        for t in k.tensors() {
+            let name = &p.graph.tensors[t].name;
+            assert!(
+                !(name.starts_with("h.") && !name.starts_with("h.11.") && !name.starts_with("h.10.residual_2")),
+                "backward kernel {k:?} touches `{name}` below the trainable block"
+            );
+        }
+    }
+}
+
+#[test]
+fn last_block_backward_costs_under_a_fifth_of_all() {
+    let config = Gpt2Config::small();
+    let head = Head::Classifier { num_labels: 2 };
+    let last = plan(&config, head, Trainable::LastBlocks(1)).summary();
+    let all = plan(&config, head, Trainable::All).summary();
+    assert!(
+        last.backward_flops * 5 < all.backward_flops,
+        "last-blocks:1 backward {} FLOPs is not under a fifth of all ({})",
+        last.backward_flops,
+        all.backward_flops
+    );
+    assert!(last.backward_dispatches * 5 < all.backward_dispatches);
+    assert_eq!(last.forward_flops, all.forward_flops);
+}
+
+#[test]
+fn head_only_backward_is_two_kernels() {
+    let config = Gpt2Config::small();
+    let p = plan(&config, Head::Classifier { num_labels: 3 }, Trainable::Head);
+    let backward = &p.kernels[p.forward_end..p.backward_end];
+    assert_eq!(backward.len(), 2, "head-only backward: {backward:?}");
+    assert!(matches!(backward[0], Kernel::XentBackward { .. }));
+    assert!(matches!(backward[1], Kernel::MatmulWeight { .. }));
+}
+
+#[test]
+fn token_embedding_is_split_under_binding_limit() {
+    let config = Gpt2Config::small();
+    // One sequence of 64 tokens keeps the (64, 50257) logits of the tied LM head under the
+    // limit; the table itself (147 MiB) must be split for both heads.
+    let shape = BatchShape { batch: 1, seq_len: 64 };
+    for head in [Head::LanguageModel, Head::Classifier { num_labels: 2 }] {
+        let graph = build_graph(&config, head, shape, Trainable::All, LAVAPIPE_BINDING);
+        let p = Plan::new(graph, PlanOptions { train: true, clip: false });
+        let chunks: Vec<_> = p.graph.params.iter().filter(|s| s.name == "wte.weight").collect();
+        assert!(chunks.len() >= 2, "wte of 147 MiB must be split under a 128 MiB binding limit");
+        let rows: usize = chunks.iter().map(|c| c.rows).sum();
+        assert_eq!(rows, 50257);
+        for t in &p.graph.tensors {
+            assert!(t.bytes() <= LAVAPIPE_BINDING, "{head:?}: tensor `{}` has {} bytes", t.name, t.bytes());
+        }
+    }
+}
+
+#[test]
+fn pool_reuse_lowers_activation_memory() {
+    let config = Gpt2Config::small();
+    let s = plan(&config, Head::Classifier { num_labels: 2 }, Trainable::All).summary();
+    assert!(s.activation_bytes < s.activation_bytes_without_reuse, "{s:?}");
+    assert!(s.peak_bytes > s.param_bytes);
+}
+
+#[test]
+fn no_training_plan_has_no_backward() {
+    let config = Gpt2Config::small();
+    let p = plan(&config, Head::Classifier { num_labels: 2 }, Trainable::Nothing);
+    assert_eq!(p.forward_end, p.kernels.len());
+    assert!(p.backward.param_grads.is_empty());
+}

@@ -1,0 +1,886 @@
+//! Linear-layer matrix products (`shaders/matmul.wgsl`): forward, input gradient, weight
+//! gradient and bias gradient, for weights stored (K, N) or (N, K).
+//!
+//! The shader has three GEMM forms (`matmul_nn`, `matmul_nt`, `matmul_tn`) and a column sum.
+//! Each launcher below picks the form that its operation and weight layout need, and whether the
+//! reduction can use vec4 loads.
+
+use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
+
+pub(crate) static FAMILY: ShaderFamily =
+    ShaderFamily { name: "matmul", source: include_str!("../../shaders/matmul.wgsl") };
+
+/// Must match `WORKGROUP_SIZE` in the shader.
+pub(crate) const WORKGROUP_SIZE: u32 = 64;
+/// Result rows per invocation; must match `TILE_ROWS` in the shader.
+const TILE_ROWS: usize = 16;
+/// Result columns per invocation; must match `TILE_COLS` in the shader.
+const TILE_COLS: usize = 16;
+/// Columns summed by one invocation of `matmul_backward_bias`.
+const BIAS_COLS_PER_INVOCATION: usize = 4;
+/// Floats in one vec4, the unit of the vectorized loads.
+const VEC4: usize = 4;
+/// Bytes in one vec4. Bindings read as `array<vec4<f32>>` are rounded up to a multiple of this.
+const VEC4_BYTES: u64 = 16;
+const F32_BYTES: u64 = 4;
+
+/// Bindings of the three product forms: result, lhs, rhs, bias.
+const PRODUCT_BINDINGS: &[BindingKind] = &[
+    BindingKind::Uniform,
+    BindingKind::ReadWrite,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+];
+
+static NN: KernelEntry = KernelEntry { family: &FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
+static NT: KernelEntry = KernelEntry { family: &FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
+static TN: KernelEntry = KernelEntry {
+    family: &FAMILY,
+    entry: "matmul_tn",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
+};
+static BACKWARD_BIAS: KernelEntry = KernelEntry {
+    family: &FAMILY,
+    entry: "matmul_backward_bias",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly],
+};
+
+/// Entry points and their WGSL workgroup sizes, for the translation test.
+pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[
+    (&NN, WORKGROUP_SIZE),
+    (&NT, WORKGROUP_SIZE),
+    (&TN, WORKGROUP_SIZE),
+    (&BACKWARD_BIAS, WORKGROUP_SIZE),
+];
+
+/// Storage order of a linear layer's weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// (K, N), input index first: GPT-2's Conv1D weights.
+    InOut,
+    /// (N, K), output index first: `nn.Linear`, as the classifier head `score.weight` and the
+    /// tied LM head `wte` store it.
+    OutIn,
+}
+
+/// Sizes of one linear-layer product `(M, K) @ (K, N)` and where its N columns sit in the
+/// output (and output-gradient) tensor.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MatmulShape {
+    /// M, rows of the input and of the output.
+    pub rows: usize,
+    /// K, input features.
+    pub inner: usize,
+    /// N, output columns computed by this product.
+    pub cols: usize,
+    /// Storage order of the weight.
+    pub layout: WeightLayout,
+    /// First column of `out`/`dout` that this product covers. It is 0 unless the weight is
+    /// split into row chunks that each produce a column range of one output.
+    pub out_offset: usize,
+    /// Row stride of `out`/`dout` in floats, which is `cols` unless the output is wider than this
+    /// product.
+    pub out_stride: usize,
+}
+
+impl MatmulShape {
+    /// Creates the shape of a product that covers its whole output (offset 0, stride `cols`).
+    pub fn new(rows: usize, inner: usize, cols: usize, layout: WeightLayout) -> Self {
+        MatmulShape { rows, inner, cols, layout, out_offset: 0, out_stride: cols }
+    }
+
+    /// Floats that `out`/`dout` must hold: the last row ends at column `out_offset + cols`.
+    fn out_floats(&self) -> usize {
+        (self.rows - 1) * self.out_stride + self.out_offset + self.cols
+    }
+
+    fn check(&self, label: &str) {
+        assert!(
+            self.rows > 0 && self.inner > 0 && self.cols > 0,
+            "matmul `{label}`: every dimension must be non-zero, got M={} K={} N={}",
+            self.rows,
+            self.inner,
+            self.cols
+        );
+        assert!(
+            self.out_offset + self.cols <= self.out_stride,
+            "matmul `{label}`: columns {}..{} do not fit in an output row of stride {}",
+            self.out_offset,
+            self.out_offset + self.cols,
+            self.out_stride
+        );
+        // Every flat index the shader computes must fit in u32.
+        let largest = self.out_floats().max(self.rows * self.inner).max(self.inner * self.cols);
+        assert!(u32::try_from(largest).is_ok(), "matmul `{label}`: {largest} floats exceed u32 indexing");
+    }
+}
+
+/// Uniform parameters, with the field names and order of `MatmulParams` in the shader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct MatmulParams {
+    pub rows: u32,
+    pub cols: u32,
+    pub inner: u32,
+    pub lhs_stride: u32,
+    pub lhs_offset: u32,
+    pub rhs_stride: u32,
+    pub rhs_offset: u32,
+    pub out_stride: u32,
+    pub out_offset: u32,
+    pub accumulate: u32,
+    pub has_bias: u32,
+    pub vec4_loads: u32,
+}
+
+/// A row-major operand as the shader addresses it: element (row, column) at
+/// `row * stride + offset + column`.
+#[derive(Clone, Copy)]
+struct Operand {
+    stride: usize,
+    offset: usize,
+}
+
+impl Operand {
+    fn dense(cols: usize) -> Self {
+        Operand { stride: cols, offset: 0 }
+    }
+
+    /// True when every row starts on a vec4 boundary.
+    fn rows_aligned(&self) -> bool {
+        self.stride.is_multiple_of(VEC4) && self.offset.is_multiple_of(VEC4)
+    }
+}
+
+/// The GEMM forms of the shader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Form {
+    /// `result[r, c] = sum_i lhs[r, i] * rhs[i, c]`
+    Nn,
+    /// `result[r, c] = sum_i lhs[r, i] * rhs[c, i]`
+    Nt,
+    /// `result[r, c] = sum_i lhs[i, r] * rhs[i, c]`
+    Tn,
+}
+
+/// One GEMM: the result is (rows, cols) and the reduction has length `inner`.
+struct Product {
+    form: Form,
+    rows: usize,
+    cols: usize,
+    inner: usize,
+    lhs: Operand,
+    rhs: Operand,
+    out: Operand,
+    accumulate: bool,
+    has_bias: bool,
+}
+
+impl Product {
+    /// True when every vec4 that the reduction loads lies inside one operand row, aligned:
+    /// strides and offsets are multiples of 4, and so is the length read along each row.
+    fn vec4_loads(&self) -> bool {
+        let aligned = self.lhs.rows_aligned() && self.rhs.rows_aligned();
+        aligned
+            && match self.form {
+                Form::Nn => self.inner.is_multiple_of(VEC4) && self.cols.is_multiple_of(VEC4),
+                Form::Nt => self.inner.is_multiple_of(VEC4),
+                Form::Tn => self.rows.is_multiple_of(VEC4) && self.cols.is_multiple_of(VEC4),
+            }
+    }
+
+    fn params(&self) -> MatmulParams {
+        MatmulParams {
+            rows: self.rows as u32,
+            cols: self.cols as u32,
+            inner: self.inner as u32,
+            lhs_stride: self.lhs.stride as u32,
+            lhs_offset: self.lhs.offset as u32,
+            rhs_stride: self.rhs.stride as u32,
+            rhs_offset: self.rhs.offset as u32,
+            out_stride: self.out.stride as u32,
+            out_offset: self.out.offset as u32,
+            accumulate: u32::from(self.accumulate),
+            has_bias: u32::from(self.has_bias),
+            vec4_loads: u32::from(self.vec4_loads()),
+        }
+    }
+
+    fn workgroups(&self, gpu: &Gpu) -> [u32; 3] {
+        let tiles = self.rows.div_ceil(TILE_ROWS) * self.cols.div_ceil(TILE_COLS);
+        super::grid_1d(gpu, tiles as u64, WORKGROUP_SIZE)
+    }
+
+    fn dispatch(
+        &self,
+        gpu: &Gpu,
+        label: &str,
+        result: TensorBinding<'_>,
+        lhs: TensorBinding<'_>,
+        rhs: TensorBinding<'_>,
+        bias: Option<TensorBinding<'_>>,
+    ) -> Result<Dispatch, GpuError> {
+        let params = self.params();
+        let groups = self.workgroups(gpu);
+        let kernel = match self.form {
+            Form::Nn => &NN,
+            Form::Nt => &NT,
+            Form::Tn => &TN,
+        };
+        match self.form {
+            Form::Nn | Form::Nt => {
+                let bias = bias.unwrap_or_else(|| gpu.placeholder());
+                gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, lhs, rhs, bias], groups)
+            }
+            Form::Tn => gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, lhs, rhs], groups),
+        }
+    }
+}
+
+/// Checks that `binding` contains at least `floats` values and, for a binding that the shader
+/// declares as `array<vec4<f32>>` (`vec4_array`), rounds its size up to a multiple of 16 bytes.
+/// Without that, the last partial vec4 would be out of range and bounds checks would redirect
+/// its reads; the floats past `floats` are never used or written.
+///
+/// # Panics
+/// If the binding is too small for its shape, or if its buffer ends before the rounded size;
+/// buffers from [`Gpu::storage_buffer`] are padded to 16 bytes, so a 16-byte-aligned binding of
+/// one always rounds up.
+pub(crate) fn sized_binding<'a>(
+    label: &str,
+    name: &str,
+    binding: TensorBinding<'a>,
+    floats: usize,
+    vec4_array: bool,
+) -> TensorBinding<'a> {
+    let needed = floats as u64 * F32_BYTES;
+    assert!(
+        binding.size >= needed,
+        "`{label}`: binding `{name}` holds {} bytes, its shape needs {needed} ({floats} floats)",
+        binding.size
+    );
+    if !vec4_array || binding.size.is_multiple_of(VEC4_BYTES) {
+        return binding;
+    }
+    let size = binding.size.div_ceil(VEC4_BYTES) * VEC4_BYTES;
+    assert!(
+        binding.offset + size <= binding.buffer.size(),
+        "`{label}`: binding `{name}` ({} bytes at offset {}) is declared as vec4s but cannot be rounded up to \
+         {size} bytes inside its {}-byte buffer; allocate it with Gpu::storage_buffer, which pads to 16 bytes",
+        binding.size,
+        binding.offset,
+        binding.buffer.size()
+    );
+    TensorBinding { size, ..binding }
+}
+
+/// Creates the dispatch of the forward product
+/// `out[m, out_offset + n] = sum_k inp[m, k] * W[k, n] + bias[n]`, which assigns `out`.
+///
+/// # Shapes
+/// - `inp`: (M, K)
+/// - `weight`: (K, N) for [`WeightLayout::InOut`], (N, K) for [`WeightLayout::OutIn`]
+/// - `bias`: (N), or `None`
+/// - `out`: (M, out_stride), of which columns `out_offset..out_offset + N` are written
+///
+/// # Panics
+/// If a dimension is zero, the columns do not fit in `out_stride`, or a binding is smaller than
+/// its shape.
+pub(crate) fn forward(
+    gpu: &Gpu,
+    label: &str,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    weight: TensorBinding<'_>,
+    bias: Option<TensorBinding<'_>>,
+    out: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    shape.check(label);
+    let MatmulShape { rows, inner, cols, layout, .. } = shape;
+    let (form, weight_operand) = match layout {
+        WeightLayout::InOut => (Form::Nn, Operand::dense(cols)),
+        WeightLayout::OutIn => (Form::Nt, Operand::dense(inner)),
+    };
+    let product = Product {
+        form,
+        rows,
+        cols,
+        inner,
+        lhs: Operand::dense(inner),
+        rhs: weight_operand,
+        out: Operand { stride: shape.out_stride, offset: shape.out_offset },
+        accumulate: false,
+        has_bias: bias.is_some(),
+    };
+    let inp = sized_binding(label, "inp", inp, rows * inner, true);
+    let weight = sized_binding(label, "weight", weight, inner * cols, true);
+    let bias = bias.map(|b| sized_binding(label, "bias", b, cols, false));
+    let out = sized_binding(label, "out", out, shape.out_floats(), false);
+    product.dispatch(gpu, label, out, inp, weight, bias)
+}
+
+/// Creates the dispatch of the input gradient
+/// `dinp[m, k] (+)= sum_n dout[m, out_offset + n] * W[k, n]`, that is `dout @ W^T`. It assigns
+/// `dinp`, or adds to it when `accumulate` is true.
+///
+/// # Shapes
+/// - `dout`: (M, out_stride), of which columns `out_offset..out_offset + N` are read
+/// - `weight`: (K, N) for [`WeightLayout::InOut`], (N, K) for [`WeightLayout::OutIn`]
+/// - `dinp`: (M, K)
+///
+/// # Panics
+/// As [`forward`].
+pub(crate) fn backward_input(
+    gpu: &Gpu,
+    label: &str,
+    shape: MatmulShape,
+    dout: TensorBinding<'_>,
+    weight: TensorBinding<'_>,
+    dinp: TensorBinding<'_>,
+    accumulate: bool,
+) -> Result<Dispatch, GpuError> {
+    shape.check(label);
+    let MatmulShape { rows, inner, cols, layout, .. } = shape;
+    // The reduction runs over N and the result has K columns. W^T[n, k] is W[k, n], which is in
+    // row k of a weight stored (K, N) (nt form) and in row n of a weight stored (N, K) (nn form).
+    let (form, weight_operand) = match layout {
+        WeightLayout::InOut => (Form::Nt, Operand::dense(cols)),
+        WeightLayout::OutIn => (Form::Nn, Operand::dense(inner)),
+    };
+    let product = Product {
+        form,
+        rows,
+        cols: inner,
+        inner: cols,
+        lhs: Operand { stride: shape.out_stride, offset: shape.out_offset },
+        rhs: weight_operand,
+        out: Operand::dense(inner),
+        accumulate,
+        has_bias: false,
+    };
+    let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
+    let weight = sized_binding(label, "weight", weight, inner * cols, true);
+    let dinp = sized_binding(label, "dinp", dinp, rows * inner, false);
+    product.dispatch(gpu, label, dinp, dout, weight, None)
+}
+
+/// Creates the dispatch of the weight gradient
+/// `dW[k, n] += sum_m inp[m, k] * dout[m, out_offset + n]`, stored in the weight's own layout.
+/// Always accumulates, because the optimizer zeroes parameter gradients after applying them.
+/// Each element is summed over M by one invocation in row order.
+///
+/// # Shapes
+/// - `inp`: (M, K)
+/// - `dout`: (M, out_stride), of which columns `out_offset..out_offset + N` are read
+/// - `dweight`: (K, N) for [`WeightLayout::InOut`], (N, K) for [`WeightLayout::OutIn`]
+///
+/// # Panics
+/// As [`forward`].
+pub(crate) fn backward_weight(
+    gpu: &Gpu,
+    label: &str,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    dout: TensorBinding<'_>,
+    dweight: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    shape.check(label);
+    let MatmulShape { rows, inner, cols, layout, .. } = shape;
+    let dout_operand = Operand { stride: shape.out_stride, offset: shape.out_offset };
+    // tn sums over M: (K, N) = inp^T @ dout, or (N, K) = dout^T @ inp.
+    let (result_rows, result_cols, lhs_operand, rhs_operand) = match layout {
+        WeightLayout::InOut => (inner, cols, Operand::dense(inner), dout_operand),
+        WeightLayout::OutIn => (cols, inner, dout_operand, Operand::dense(inner)),
+    };
+    let product = Product {
+        form: Form::Tn,
+        rows: result_rows,
+        cols: result_cols,
+        inner: rows,
+        lhs: lhs_operand,
+        rhs: rhs_operand,
+        out: Operand::dense(result_cols),
+        accumulate: true,
+        has_bias: false,
+    };
+    let inp = sized_binding(label, "inp", inp, rows * inner, true);
+    let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
+    let dweight = sized_binding(label, "dweight", dweight, inner * cols, false);
+    let (lhs, rhs) = match layout {
+        WeightLayout::InOut => (inp, dout),
+        WeightLayout::OutIn => (dout, inp),
+    };
+    product.dispatch(gpu, label, dweight, lhs, rhs, None)
+}
+
+/// Creates the dispatch of the bias gradient `dbias[n] += sum_m dout[m, out_offset + n]`.
+/// Always accumulates, like [`backward_weight`], and each element is summed over M by one
+/// invocation in row order.
+///
+/// # Shapes
+/// - `dout`: (M, out_stride), of which columns `out_offset..out_offset + N` are read
+/// - `dbias`: (N)
+///
+/// # Panics
+/// As [`forward`].
+pub(crate) fn backward_bias(
+    gpu: &Gpu,
+    label: &str,
+    shape: MatmulShape,
+    dout: TensorBinding<'_>,
+    dbias: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    shape.check(label);
+    let MatmulShape { rows, cols, .. } = shape;
+    let dout_operand = Operand { stride: shape.out_stride, offset: shape.out_offset };
+    let params = MatmulParams {
+        rows: rows as u32,
+        cols: cols as u32,
+        inner: 0,
+        lhs_stride: dout_operand.stride as u32,
+        lhs_offset: dout_operand.offset as u32,
+        rhs_stride: 0,
+        rhs_offset: 0,
+        out_stride: cols as u32,
+        out_offset: 0,
+        accumulate: 1,
+        has_bias: 0,
+        vec4_loads: u32::from(dout_operand.rows_aligned() && cols.is_multiple_of(VEC4)),
+    };
+    let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
+    let dbias = sized_binding(label, "dbias", dbias, cols, false);
+    let invocations = cols.div_ceil(BIAS_COLS_PER_INVOCATION) as u64;
+    let groups = super::grid_1d(gpu, invocations, WORKGROUP_SIZE);
+    gpu.dispatch(&BACKWARD_BIAS, label, Some(bytemuck::bytes_of(&params)), &[dbias, dout], groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference::matmul::{self as reference, MatmulDims};
+    use crate::testing::{assert_close, random_vec, test_gpu, to_f64};
+
+    /// Inputs are uniform in [-1, 1), so a product over K terms has magnitude about sqrt(K) / 3
+    /// (18 for K = 3072), and in-order f32 accumulation adds about eps * |partial sum| per term.
+    /// On lavapipe the largest error over the GPT-2 shapes was 1.4e-4 (K = 3072). The
+    /// tolerances leave a factor of about seven, and a missing or doubled term (~0.1) fails.
+    const ATOL: f64 = 3e-4;
+    const RTOL: f64 = 1e-4;
+
+    /// (M, K, N) of GPT-2 small's four block products at batch 8 x 120 tokens: attn.c_attn,
+    /// attn.c_proj, mlp.c_fc, mlp.c_proj.
+    const GPT2_SMALL: [(usize, usize, usize); 4] = [(960, 768, 2304), (960, 768, 768), (960, 768, 3072), (960, 3072, 768)];
+    /// Rows (or weight-gradient columns) compared with the f64 reference for the GPT-2 shapes,
+    /// so that the reference costs a few million multiply-adds per product, not billions.
+    const GPT2_SAMPLES: usize = 10;
+    /// Small shapes (M, K, N): single elements, M = 1, sizes below and across the 16 x 16 tile,
+    /// and odd sizes that disable vec4 loads next to multiples of 4 that enable them.
+    const SMALL: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (1, 7, 3),
+        (1, 64, 40),
+        (7, 36, 20),
+        (13, 29, 19),
+        (9, 17, 33),
+        (16, 32, 48),
+        (17, 12, 4),
+        (33, 20, 64),
+    ];
+    const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
+
+    fn reference_dims(shape: &MatmulShape, rows: usize, cols: usize) -> MatmulDims {
+        let layout = match shape.layout {
+            WeightLayout::InOut => reference::WeightLayout::InOut,
+            WeightLayout::OutIn => reference::WeightLayout::OutIn,
+        };
+        MatmulDims { rows, inner: shape.inner, cols, layout }
+    }
+
+    fn describe(shape: &MatmulShape) -> String {
+        format!("M={} K={} N={} {:?}", shape.rows, shape.inner, shape.cols, shape.layout)
+    }
+
+    /// Returns every index below `len` when there are at most `count`, else `count` indices
+    /// spread from 0 to `len - 1` plus the neighbours of both ends.
+    fn sample(len: usize, count: usize) -> Vec<usize> {
+        if len <= count {
+            return (0..len).collect();
+        }
+        let mut picked: Vec<usize> = (0..count).map(|i| i * (len - 1) / (count - 1)).collect();
+        picked.extend([1, len - 2]);
+        picked.sort_unstable();
+        picked.dedup();
+        picked
+    }
+
+    fn take_rows(matrix: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
+        rows.iter().flat_map(|&r| matrix[r * width..(r + 1) * width].iter().copied()).collect()
+    }
+
+    fn take_cols(matrix: &[f32], width: usize, cols: &[usize]) -> Vec<f32> {
+        matrix.chunks(width).flat_map(|row| cols.iter().map(move |&c| row[c])).collect()
+    }
+
+    /// Returns the weight of `shape` restricted to output columns `cols`, in its own layout.
+    fn weight_cols(weight: &[f32], shape: &MatmulShape, cols: &[usize]) -> Vec<f32> {
+        match shape.layout {
+            WeightLayout::InOut => take_cols(weight, shape.cols, cols),
+            WeightLayout::OutIn => take_rows(weight, shape.inner, cols),
+        }
+    }
+
+    fn upload(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {
+        gpu.upload(label, data).expect("test buffers fit the adapter's limits")
+    }
+
+    fn run(gpu: &Gpu, dispatch: Dispatch) {
+        gpu.run("matmul test", &[dispatch]).expect("the test dispatch runs");
+    }
+
+    fn read(gpu: &Gpu, buffer: &wgpu::Buffer, len: usize) -> Vec<f32> {
+        gpu.read(buffer, 0, len).expect("read-back succeeds")
+    }
+
+    /// Runs `forward` and compares rows `sample(M, samples)` with the reference.
+    fn check_forward(gpu: &Gpu, shape: MatmulShape, with_bias: bool, samples: usize, seed: u64) {
+        let MatmulShape { rows, inner, cols, .. } = shape;
+        let inp = random_vec(rows * inner, seed);
+        let weight = random_vec(inner * cols, seed + 1);
+        let bias = random_vec(cols, seed + 2);
+        let inp_buffer = upload(gpu, "inp", &inp);
+        let weight_buffer = upload(gpu, "weight", &weight);
+        let bias_buffer = upload(gpu, "bias", &bias);
+        let out_buffer = upload(gpu, "out", &random_vec(rows * cols, seed + 3));
+        let bias_binding = with_bias.then(|| (&bias_buffer).into());
+        let dispatch = forward(
+            gpu,
+            "matmul forward",
+            shape,
+            (&inp_buffer).into(),
+            (&weight_buffer).into(),
+            bias_binding,
+            (&out_buffer).into(),
+        )
+        .unwrap();
+        run(gpu, dispatch);
+        let got = read(gpu, &out_buffer, rows * cols);
+
+        let checked = sample(rows, samples);
+        let bias64 = to_f64(&bias);
+        let want = reference::matmul_forward(
+            &to_f64(&take_rows(&inp, inner, &checked)),
+            &to_f64(&weight),
+            with_bias.then_some(bias64.as_slice()),
+            reference_dims(&shape, checked.len(), cols),
+        );
+        let description = format!("matmul forward {} bias={with_bias} rows {checked:?}", describe(&shape));
+        assert_close(&description, &take_rows(&got, cols, &checked), &want, ATOL, RTOL);
+    }
+
+    /// Runs `backward_input` into a dinp that contains random values, and compares rows
+    /// `sample(M, samples)` with the reference (plus those values when accumulating).
+    fn check_backward_input(gpu: &Gpu, shape: MatmulShape, accumulate: bool, samples: usize, seed: u64) {
+        let MatmulShape { rows, inner, cols, .. } = shape;
+        let dout = random_vec(rows * cols, seed);
+        let weight = random_vec(inner * cols, seed + 1);
+        let initial = random_vec(rows * inner, seed + 2);
+        let dout_buffer = upload(gpu, "dout", &dout);
+        let weight_buffer = upload(gpu, "weight", &weight);
+        let dinp_buffer = upload(gpu, "dinp", &initial);
+        let dispatch = backward_input(
+            gpu,
+            "matmul backward_input",
+            shape,
+            (&dout_buffer).into(),
+            (&weight_buffer).into(),
+            (&dinp_buffer).into(),
+            accumulate,
+        )
+        .unwrap();
+        run(gpu, dispatch);
+        let got = read(gpu, &dinp_buffer, rows * inner);
+
+        let checked = sample(rows, samples);
+        let mut want = reference::matmul_backward_input(
+            &to_f64(&take_rows(&dout, cols, &checked)),
+            &to_f64(&weight),
+            reference_dims(&shape, checked.len(), cols),
+        );
+        if accumulate {
+            for (w, i) in want.iter_mut().zip(take_rows(&initial, inner, &checked)) {
+                *w += f64::from(i);
+            }
+        }
+        let description = format!("matmul backward_input {} accumulate={accumulate} rows {checked:?}", describe(&shape));
+        assert_close(&description, &take_rows(&got, inner, &checked), &want, ATOL, RTOL);
+    }
+
+    /// Runs `backward_weight` into a dweight that contains random values, and compares the
+    /// gradient of output columns `sample(N, samples)` with the reference plus those values.
+    fn check_backward_weight(gpu: &Gpu, shape: MatmulShape, samples: usize, seed: u64) {
+        let MatmulShape { rows, inner, cols, .. } = shape;
+        let inp = random_vec(rows * inner, seed);
+        let dout = random_vec(rows * cols, seed + 1);
+        let initial = random_vec(inner * cols, seed + 2);
+        let inp_buffer = upload(gpu, "inp", &inp);
+        let dout_buffer = upload(gpu, "dout", &dout);
+        let dweight_buffer = upload(gpu, "dweight", &initial);
+        let dispatch = backward_weight(
+            gpu,
+            "matmul backward_weight",
+            shape,
+            (&inp_buffer).into(),
+            (&dout_buffer).into(),
+            (&dweight_buffer).into(),
+        )
+        .unwrap();
+        run(gpu, dispatch);
+        let got = read(gpu, &dweight_buffer, inner * cols);
+
+        let checked = sample(cols, samples);
+        let mut want = reference::matmul_backward_weight(
+            &to_f64(&inp),
+            &to_f64(&take_cols(&dout, cols, &checked)),
+            reference_dims(&shape, rows, checked.len()),
+        );
+        for (w, i) in want.iter_mut().zip(weight_cols(&initial, &shape, &checked)) {
+            *w += f64::from(i);
+        }
+        let description = format!("matmul backward_weight {} columns {checked:?}", describe(&shape));
+        assert_close(&description, &weight_cols(&got, &shape, &checked), &want, ATOL, RTOL);
+    }
+
+    /// Runs `backward_bias` into a dbias that contains random values and compares every element.
+    fn check_backward_bias(gpu: &Gpu, shape: MatmulShape, seed: u64) {
+        let MatmulShape { rows, cols, .. } = shape;
+        let dout = random_vec(rows * cols, seed);
+        let initial = random_vec(cols, seed + 1);
+        let dout_buffer = upload(gpu, "dout", &dout);
+        let dbias_buffer = upload(gpu, "dbias", &initial);
+        let dispatch =
+            backward_bias(gpu, "matmul backward_bias", shape, (&dout_buffer).into(), (&dbias_buffer).into()).unwrap();
+        run(gpu, dispatch);
+        let got = read(gpu, &dbias_buffer, cols);
+        let mut want = reference::matmul_backward_bias(&to_f64(&dout), rows, cols);
+        for (w, i) in want.iter_mut().zip(&initial) {
+            *w += f64::from(*i);
+        }
+        assert_close(&format!("matmul backward_bias {}", describe(&shape)), &got, &want, ATOL, RTOL);
+    }
+
+    #[test]
+    fn params_size_is_multiple_of_16() {
+        assert_eq!(std::mem::size_of::<MatmulParams>() % 16, 0);
+    }
+
+    #[test]
+    fn vec4_loads_follow_alignment() {
+        let aligned = MatmulShape::new(8, 768, 2304, WeightLayout::InOut);
+        let odd_inner = MatmulShape::new(8, 29, 2304, WeightLayout::InOut);
+        let product = |shape: MatmulShape, form: Form| Product {
+            form,
+            rows: shape.rows,
+            cols: shape.cols,
+            inner: shape.inner,
+            lhs: Operand::dense(shape.inner),
+            rhs: Operand::dense(shape.cols),
+            out: Operand::dense(shape.cols),
+            accumulate: false,
+            has_bias: false,
+        };
+        assert!(product(aligned, Form::Nn).vec4_loads(), "nn 8x768x2304 should use vec4 loads");
+        assert!(!product(odd_inner, Form::Nn).vec4_loads(), "nn with K=29 must not use vec4 loads");
+        let mut offset = product(aligned, Form::Nt);
+        offset.lhs.offset = 2;
+        assert!(!offset.vec4_loads(), "nt with lhs offset 2 must not use vec4 loads");
+    }
+
+    #[test]
+    fn matmul_forward_matches_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+            for layout in LAYOUTS {
+                for with_bias in [true, false] {
+                    check_forward(gpu, MatmulShape::new(rows, inner, cols, layout), with_bias, usize::MAX, 10 * i as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_backward_input_matches_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+            for layout in LAYOUTS {
+                for accumulate in [false, true] {
+                    let shape = MatmulShape::new(rows, inner, cols, layout);
+                    check_backward_input(gpu, shape, accumulate, usize::MAX, 100 + 10 * i as u64);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_backward_weight_matches_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+            for layout in LAYOUTS {
+                check_backward_weight(gpu, MatmulShape::new(rows, inner, cols, layout), usize::MAX, 200 + 10 * i as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_backward_bias_matches_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+            check_backward_bias(gpu, MatmulShape::new(rows, inner, cols, WeightLayout::InOut), 300 + 10 * i as u64);
+        }
+        check_backward_bias(gpu, MatmulShape::new(960, 768, 3072, WeightLayout::InOut), 390);
+    }
+
+    #[test]
+    fn matmul_forward_gpt2_small_shapes() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+            // Conv1D weights (K, N) come with a bias, and the nn.Linear heads (N, K) have none.
+            check_forward(gpu, MatmulShape::new(rows, inner, cols, WeightLayout::InOut), true, GPT2_SAMPLES, 400 + 10 * i as u64);
+            check_forward(gpu, MatmulShape::new(rows, inner, cols, WeightLayout::OutIn), false, GPT2_SAMPLES, 405 + 10 * i as u64);
+        }
+    }
+
+    #[test]
+    fn matmul_backward_input_gpt2_small_shapes() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+            for (j, layout) in LAYOUTS.into_iter().enumerate() {
+                // Half of the cases accumulate, as every input gradient after the first does.
+                let accumulate = (i + j) % 2 == 1;
+                let shape = MatmulShape::new(rows, inner, cols, layout);
+                check_backward_input(gpu, shape, accumulate, GPT2_SAMPLES, 500 + 10 * i as u64 + j as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_backward_weight_gpt2_small_shapes() {
+        let Some(gpu) = test_gpu() else { return };
+        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+            for (j, layout) in LAYOUTS.into_iter().enumerate() {
+                let shape = MatmulShape::new(rows, inner, cols, layout);
+                check_backward_weight(gpu, shape, GPT2_SAMPLES, 600 + 10 * i as u64 + j as u64);
+            }
+        }
+    }
+
+    /// Splits the weight into chunks of at most `chunk` output columns, as a weight larger than
+    /// the storage binding limit (the tied LM head) must be split, and checks every launcher
+    /// against the unsplit reference.
+    fn check_chunked(gpu: &Gpu, rows: usize, inner: usize, vocab: usize, chunk: usize, layout: WeightLayout, seed: u64) {
+        let full = MatmulShape::new(rows, inner, vocab, layout);
+        let description = format!("matmul chunked {} chunk={chunk}", describe(&full));
+        let inp = random_vec(rows * inner, seed);
+        let weight = random_vec(inner * vocab, seed + 1);
+        let bias = random_vec(vocab, seed + 2);
+        let dout = random_vec(rows * vocab, seed + 3);
+        let inp_buffer = upload(gpu, "inp", &inp);
+        let dout_buffer = upload(gpu, "dout", &dout);
+        let out_buffer = gpu.storage_buffer("out", (rows * vocab * 4) as u64).unwrap();
+        let dinp_buffer = gpu.storage_buffer("dinp", (rows * inner * 4) as u64).unwrap();
+
+        let starts: Vec<usize> = (0..vocab).step_by(chunk).collect();
+        let mut dweight_buffers = Vec::new();
+        for (index, &start) in starts.iter().enumerate() {
+            let end = (start + chunk).min(vocab);
+            let columns: Vec<usize> = (start..end).collect();
+            let shape = MatmulShape { cols: end - start, out_offset: start, out_stride: vocab, ..full };
+            let weight_buffer = upload(gpu, "weight chunk", &weight_cols(&weight, &full, &columns));
+            let bias_buffer = upload(gpu, "bias chunk", &bias[start..end]);
+            let dweight_buffer = gpu.storage_buffer("dweight chunk", (inner * (end - start) * 4) as u64).unwrap();
+            let dispatches = vec![
+                forward(
+                    gpu,
+                    "chunk forward",
+                    shape,
+                    (&inp_buffer).into(),
+                    (&weight_buffer).into(),
+                    Some((&bias_buffer).into()),
+                    (&out_buffer).into(),
+                )
+                .unwrap(),
+                backward_input(
+                    gpu,
+                    "chunk backward_input",
+                    shape,
+                    (&dout_buffer).into(),
+                    (&weight_buffer).into(),
+                    (&dinp_buffer).into(),
+                    index > 0,
+                )
+                .unwrap(),
+                backward_weight(
+                    gpu,
+                    "chunk backward_weight",
+                    shape,
+                    (&inp_buffer).into(),
+                    (&dout_buffer).into(),
+                    (&dweight_buffer).into(),
+                )
+                .unwrap(),
+            ];
+            gpu.run("matmul chunk test", &dispatches).unwrap();
+            // The bias is split like the weight, so each chunk's bias gradient has its own buffer.
+            let dbias_chunk = upload(gpu, "dbias chunk", &vec![0.0f32; end - start]);
+            run(gpu, backward_bias(gpu, "chunk backward_bias", shape, (&dout_buffer).into(), (&dbias_chunk).into()).unwrap());
+            let got = read(gpu, &dbias_chunk, end - start);
+            let want = reference::matmul_backward_bias(&to_f64(&take_cols(&dout, vocab, &columns)), rows, end - start);
+            assert_close(&format!("{description} backward_bias columns {start}..{end}"), &got, &want, ATOL, RTOL);
+            dweight_buffers.push((start, end, dweight_buffer));
+        }
+
+        let dims = reference_dims(&full, rows, vocab);
+        let want = reference::matmul_forward(&to_f64(&inp), &to_f64(&weight), Some(&to_f64(&bias)), dims);
+        assert_close(&format!("{description} forward"), &read(gpu, &out_buffer, rows * vocab), &want, ATOL, RTOL);
+        let want = reference::matmul_backward_input(&to_f64(&dout), &to_f64(&weight), dims);
+        assert_close(&format!("{description} backward_input"), &read(gpu, &dinp_buffer, rows * inner), &want, ATOL, RTOL);
+        let want_dweight = reference::matmul_backward_weight(&to_f64(&inp), &to_f64(&dout), dims);
+        let want_dweight: Vec<f32> = want_dweight.iter().map(|&x| x as f32).collect();
+        for (start, end, buffer) in dweight_buffers {
+            let columns: Vec<usize> = (start..end).collect();
+            let want = to_f64(&weight_cols(&want_dweight, &full, &columns));
+            let got = read(gpu, &buffer, inner * (end - start));
+            assert_close(&format!("{description} backward_weight columns {start}..{end}"), &got, &want, ATOL, RTOL);
+        }
+    }
+
+    #[test]
+    fn matmul_chunked_columns_match_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        for layout in LAYOUTS {
+            // 37 columns: odd stride and offsets, scalar loads of dout.
+            check_chunked(gpu, 11, 24, 37, 16, layout, 700);
+            // 40 columns in chunks of 16, 16 and 8: aligned offsets, vec4 loads of dout.
+            check_chunked(gpu, 9, 20, 40, 16, layout, 710);
+            // M = 1, as when generating one token.
+            check_chunked(gpu, 1, 32, 23, 10, layout, 720);
+        }
+    }
+
+    #[test]
+    fn matmul_results_are_bitwise_reproducible() {
+        let Some(gpu) = test_gpu() else { return };
+        let shape = MatmulShape::new(37, 64, 52, WeightLayout::InOut);
+        let inp = upload(gpu, "inp", &random_vec(37 * 64, 800));
+        let dout = upload(gpu, "dout", &random_vec(37 * 52, 801));
+        let mut results = Vec::new();
+        for _ in 0..2 {
+            let dweight = gpu.storage_buffer("dweight", (64 * 52 * 4) as u64).unwrap();
+            run(gpu, backward_weight(gpu, "dweight", shape, (&inp).into(), (&dout).into(), (&dweight).into()).unwrap());
+            let bits: Vec<u32> = read(gpu, &dweight, 64 * 52).iter().map(|x| x.to_bits()).collect();
+            results.push(bits);
+        }
+        let first_difference = results[0].iter().zip(&results[1]).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "matmul backward_weight differs between two runs at that index");
+    }
+}

@@ -1,0 +1,83 @@
+//! Launchers for the WGSL kernel families in `shaders/`.
+//!
+//! Each module owns one family: its parameter structs (laid out as in WGSL, padded to 16 bytes),
+//! its workgroup size, its bindings in binding order and the dispatch-count math. A launcher
+//! returns a [`Dispatch`](crate::gpu::Dispatch) that the caller records into a compute pass.
+//!
+//! Gradient convention: kernels that write a gradient take an `accumulate` flag. With 0 they
+//! assign, with 1 they add into the existing values. Parameter gradients are always accumulated
+//! and zeroed by the optimizer after it applies them; activation gradients are assigned by their
+//! first producer and accumulated by the rest.
+
+pub(crate) mod adamw;
+pub(crate) mod attention;
+pub(crate) mod crossentropy;
+pub(crate) mod embedding;
+pub(crate) mod gelu;
+pub(crate) mod layernorm;
+pub(crate) mod matmul;
+pub(crate) mod norm;
+pub(crate) mod pooling;
+pub(crate) mod residual;
+
+
+
+/// Every shader family, for the translation test.
+#[cfg(test)]
+pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
+    &residual::FAMILY,
+    &matmul::FAMILY,
+    &layernorm::FAMILY,
+    &gelu::FAMILY,
+    &attention::FAMILY,
+    &embedding::FAMILY,
+    &crossentropy::FAMILY,
+    &adamw::FAMILY,
+    &norm::FAMILY,
+    &pooling::FAMILY,
+];
+
+/// Every launcher's entry points with the total workgroup size it assumes.
+pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
+    residual::ENTRIES,
+    matmul::ENTRIES,
+    layernorm::ENTRIES,
+    gelu::ENTRIES,
+    attention::ENTRIES,
+    embedding::ENTRIES,
+    crossentropy::ENTRIES,
+    adamw::ENTRIES,
+    norm::ENTRIES,
+    pooling::ENTRIES,
+];
+
+/// Work items per dispatch dimension for 1-D kernels spread over a 2-D grid.
+pub(crate) fn grid_1d(gpu: &crate::gpu::Gpu, items: u64, workgroup_size: u32) -> [u32; 3] {
+    let groups = items.div_ceil(u64::from(workgroup_size)).max(1);
+    let groups = u32::try_from(groups).unwrap_or(u32::MAX);
+    crate::gpu::grid_for(groups, gpu.limits().max_compute_workgroups_per_dimension)
+}
+
+/// Compiles the pipeline of every kernel entry point on `gpu`, so a shader that the adapter's
+/// driver rejects is found before a run needs it. Returns the number of pipelines.
+pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::GpuError> {
+    let mut count = 0;
+    for (kernel, _) in ENTRY_SIZES.iter().flat_map(|list| list.iter()) {
+        gpu.pipeline(kernel)?;
+        count += 1;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod translation_tests;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_kernel_compiles_on_the_adapter() {
+        let Some(gpu) = crate::testing::test_gpu() else { return };
+        let count = super::compile_all(gpu).unwrap_or_else(|e| panic!("{e}"));
+        assert!(count >= 20, "only {count} kernel entry points");
+    }
+}

@@ -1,0 +1,259 @@
+//! The GPT-2 forward graph for the language-model head and the classification head.
+
+use crate::graph::ir::{DType, Graph, Op, ParamSource, RowChunk, TensorId, TensorKind};
+use crate::kernels::attention::AttentionShape;
+use crate::kernels::matmul::WeightLayout;
+use crate::model::config::Gpt2Config;
+
+/// Which parameters a run trains; everything else is frozen and gets no gradient kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trainable {
+    /// Nothing: forward passes only (evaluation, prediction, generation).
+    Nothing,
+    /// The new head only (`score` for a classifier; the tied wte for a language model).
+    Head,
+    /// The last N transformer blocks, the final layer norm and the head.
+    LastBlocks(usize),
+    /// Every parameter, embeddings included.
+    All,
+}
+
+impl std::str::FromStr for Trainable {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "head" => Ok(Trainable::Head),
+            "all" => Ok(Trainable::All),
+            "none" => Ok(Trainable::Nothing),
+            other => match other.strip_prefix("last-blocks:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n >= 1 => Ok(Trainable::LastBlocks(n)),
+                _ => Err(format!("invalid trainable set `{other}`, expected head, last-blocks:N (N >= 1) or all")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Trainable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trainable::Nothing => write!(f, "none"),
+            Trainable::Head => write!(f, "head"),
+            Trainable::LastBlocks(n) => write!(f, "last-blocks:{n}"),
+            Trainable::All => write!(f, "all"),
+        }
+    }
+}
+
+/// Output head of the graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Head {
+    /// Next-token logits over the vocabulary, tied to wte; loss over every position.
+    LanguageModel,
+    /// `score` (K, C) applied at the last real token of each sequence; loss over sequences.
+    Classifier {
+        /// K, the number of classes.
+        num_labels: usize,
+    },
+}
+
+/// Shapes of one graph: batch size and (static) sequence length.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchShape {
+    /// B.
+    pub batch: usize,
+    /// T.
+    pub seq_len: usize,
+}
+
+fn is_trainable(trainable: Trainable, n_layer: usize, part: Part) -> bool {
+    match (trainable, part) {
+        (Trainable::Nothing, _) => false,
+        (Trainable::All, _) => true,
+        (Trainable::Head, Part::Head) => true,
+        (Trainable::Head, _) => false,
+        (Trainable::LastBlocks(_), Part::Head | Part::FinalNorm) => true,
+        (Trainable::LastBlocks(n), Part::Block(i)) => i + n >= n_layer,
+        (Trainable::LastBlocks(_), Part::Embeddings) => false,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Part {
+    Embeddings,
+    Block(usize),
+    FinalNorm,
+    Head,
+}
+
+struct Builder<'c> {
+    g: Graph,
+    config: &'c Gpt2Config,
+    trainable: Trainable,
+}
+
+impl Builder<'_> {
+    fn param(&mut self, name: &str, shape: &[usize], part: Part) -> TensorId {
+        let trainable = is_trainable(self.trainable, self.config.n_layer, part);
+        let id = self.g.tensor(name, shape, DType::F32, TensorKind::Param { trainable });
+        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0] });
+        id
+    }
+
+    /// A (rows, cols) parameter stored as row chunks that each fit in `max_binding` bytes.
+    fn chunked_param(&mut self, name: &str, rows: usize, cols: usize, part: Part, max_binding: u64) -> Vec<RowChunk> {
+        let row_bytes = (cols * 4) as u64;
+        let rows_per_chunk = ((max_binding / row_bytes) as usize).clamp(1, rows);
+        let trainable = is_trainable(self.trainable, self.config.n_layer, part);
+        let mut chunks = Vec::new();
+        let mut offset = 0;
+        while offset < rows {
+            let n = rows_per_chunk.min(rows - offset);
+            let chunk_name = if n == rows { name.to_string() } else { format!("{name}[{offset}..{}]", offset + n) };
+            let id = self.g.tensor(chunk_name, &[n, cols], DType::F32, TensorKind::Param { trainable });
+            self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: offset, rows: n });
+            chunks.push(RowChunk { tensor: id, row_offset: offset, rows: n });
+            offset += n;
+        }
+        chunks
+    }
+
+    fn layernorm(&mut self, prefix: &str, inp: TensorId, rows: usize, part: Part) -> TensorId {
+        let c = self.config.n_embd;
+        let weight = self.param(&format!("{prefix}.weight"), &[c], part);
+        let bias = self.param(&format!("{prefix}.bias"), &[c], part);
+        let out = self.g.activation(format!("{prefix}.out"), &[rows, c]);
+        let mean = self.g.activation(format!("{prefix}.mean"), &[rows]);
+        let rstd = self.g.activation(format!("{prefix}.rstd"), &[rows]);
+        let eps = self.config.layer_norm_epsilon as f32;
+        self.g.push(Op::LayerNorm { rows, channels: c, eps, inp, weight, bias, out, mean, rstd });
+        out
+    }
+
+    /// Conv1D: out (rows, n_out) = inp (rows, n_in) @ weight (n_in, n_out) + bias.
+    fn conv1d(&mut self, prefix: &str, inp: TensorId, rows: usize, n_in: usize, n_out: usize, part: Part) -> TensorId {
+        let weight = self.param(&format!("{prefix}.weight"), &[n_in, n_out], part);
+        let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
+        let out = self.g.activation(format!("{prefix}.out"), &[rows, n_out]);
+        self.g.push(Op::Matmul {
+            rows,
+            inner: n_in,
+            cols: n_out,
+            layout: WeightLayout::InOut,
+            inp,
+            weight: vec![RowChunk { tensor: weight, row_offset: 0, rows: n_in }],
+            bias: Some(bias),
+            out,
+        });
+        out
+    }
+
+    fn block(&mut self, i: usize, x: TensorId, shape: BatchShape) -> TensorId {
+        let (b, t, c) = (shape.batch, shape.seq_len, self.config.n_embd);
+        let rows = b * t;
+        let part = Part::Block(i);
+        let p = format!("h.{i}");
+        let ln1 = self.layernorm(&format!("{p}.ln_1"), x, rows, part);
+        let qkv = self.conv1d(&format!("{p}.attn.c_attn"), ln1, rows, c, 3 * c, part);
+        let nh = self.config.n_head;
+        let att = self.g.activation(format!("{p}.attn.probs"), &[b, nh, t, t]);
+        let att_out = self.g.activation(format!("{p}.attn.out"), &[rows, c]);
+        let attention = AttentionShape { batch: b, seq_len: t, channels: c, num_heads: nh };
+        self.g.push(Op::Attention { shape: attention, qkv, att, out: att_out });
+        let proj = self.conv1d(&format!("{p}.attn.c_proj"), att_out, rows, c, c, part);
+        let x2 = self.g.activation(format!("{p}.residual_1"), &[rows, c]);
+        self.g.push(Op::Add { len: rows * c, a: x, b: proj, out: x2 });
+        let ln2 = self.layernorm(&format!("{p}.ln_2"), x2, rows, part);
+        let inner = self.config.inner_dim();
+        let fc = self.conv1d(&format!("{p}.mlp.c_fc"), ln2, rows, c, inner, part);
+        let act = self.g.activation(format!("{p}.mlp.gelu"), &[rows, inner]);
+        self.g.push(Op::Gelu { len: rows * inner, inp: fc, out: act });
+        let mlp = self.conv1d(&format!("{p}.mlp.c_proj"), act, rows, inner, c, part);
+        let x3 = self.g.activation(format!("{p}.residual_2"), &[rows, c]);
+        self.g.push(Op::Add { len: rows * c, a: x2, b: mlp, out: x3 });
+        x3
+    }
+}
+
+/// Builds the forward graph of GPT-2 with `head` for batches of `shape`, marking parameters
+/// trainable per `trainable`. Tensors larger than `max_binding` bytes (the token embedding) are
+/// split into row chunks.
+///
+/// # Shapes
+/// Inputs: `ids` (B*T) u32, `lengths` (B) u32, `targets` (B) i32 for a classifier or (B*T) i32
+/// for a language model. Outputs: `logits` (B, K) or (B*T, V), `loss` (2): mean loss and the
+/// number of rows counted.
+pub(crate) fn build_graph(config: &Gpt2Config, head: Head, shape: BatchShape, trainable: Trainable, max_binding: u64) -> Graph {
+    let mut bld = Builder { g: Graph::default(), config, trainable };
+    let (b, t, c, v) = (shape.batch, shape.seq_len, config.n_embd, config.vocab_size);
+    let ids = bld.g.tensor("ids", &[b * t], DType::U32, TensorKind::Input);
+    let lengths = bld.g.tensor("lengths", &[b], DType::U32, TensorKind::Input);
+    // The LM head is tied to wte, so wte is trained with the head of a language model.
+    let wte_part = if head == Head::LanguageModel { Part::Head } else { Part::Embeddings };
+    let wte = bld.chunked_param("wte.weight", v, c, wte_part, max_binding);
+    let wpe = bld.param("wpe.weight", &[config.n_positions, c], Part::Embeddings);
+    let mut x = bld.g.activation("embedding.out", &[b * t, c]);
+    bld.g.push(Op::Embedding { batch: b, seq_len: t, channels: c, ids, wte: wte.clone(), wpe, out: x });
+    for i in 0..config.n_layer {
+        x = bld.block(i, x, shape);
+    }
+    match head {
+        Head::Classifier { num_labels } => {
+            // Layer norm is per row, so pooling before ln_f equals pooling after it and
+            // normalises B rows instead of B*T.
+            let pooled = bld.g.activation("pooled", &[b, c]);
+            bld.g.push(Op::PoolLast { batch: b, seq_len: t, channels: c, hidden: x, lengths, pooled });
+            let normed = bld.layernorm("ln_f", pooled, b, Part::FinalNorm);
+            let score = bld.param("score.weight", &[num_labels, c], Part::Head);
+            let logits = bld.g.tensor("logits", &[b, num_labels], DType::F32, TensorKind::Output);
+            bld.g.push(Op::Matmul {
+                rows: b,
+                inner: c,
+                cols: num_labels,
+                layout: WeightLayout::OutIn,
+                inp: normed,
+                weight: vec![RowChunk { tensor: score, row_offset: 0, rows: num_labels }],
+                bias: None,
+                out: logits,
+            });
+            let targets = bld.g.tensor("targets", &[b], DType::I32, TensorKind::Input);
+            let losses = bld.g.activation("losses", &[b]);
+            let loss = bld.g.tensor("loss", &[2], DType::F32, TensorKind::Output);
+            bld.g.push(Op::CrossEntropy { rows: b, classes: num_labels, logits, targets, losses, loss });
+        }
+        Head::LanguageModel => {
+            let rows = b * t;
+            let normed = bld.layernorm("ln_f", x, rows, Part::FinalNorm);
+            let logits = bld.g.tensor("logits", &[rows, v], DType::F32, TensorKind::Output);
+            bld.g.push(Op::Matmul {
+                rows,
+                inner: c,
+                cols: v,
+                layout: WeightLayout::OutIn,
+                inp: normed,
+                weight: wte,
+                bias: None,
+                out: logits,
+            });
+            let targets = bld.g.tensor("targets", &[rows], DType::I32, TensorKind::Input);
+            let losses = bld.g.activation("losses", &[rows]);
+            let loss = bld.g.tensor("loss", &[2], DType::F32, TensorKind::Output);
+            bld.g.push(Op::CrossEntropy { rows, classes: v, logits, targets, losses, loss });
+        }
+    }
+    bld.g
+}
+
+/// Plans one training step without a device and returns its counts, FLOPs and memory.
+pub fn plan_summary(
+    config: &Gpt2Config,
+    head: Head,
+    shape: BatchShape,
+    trainable: Trainable,
+    clip: bool,
+    max_binding: u64,
+) -> crate::graph::PlanSummary {
+    let graph = build_graph(config, head, shape, trainable, max_binding);
+    let train = trainable != Trainable::Nothing;
+    crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip }).summary()
+}

@@ -1,0 +1,147 @@
+//! A trained classifier opened from its directory: predictions and evaluation.
+
+use super::classifier::TrainError;
+use super::eval::{argmax, evaluate, softmax, Evaluation};
+use crate::data::{self, BatchIter, EncodedExample, EncodedExamples, ReadOptions};
+use crate::gpu::Gpu;
+use crate::graph::executor::{OptimizerSettings, StepInputs};
+use crate::graph::Session;
+use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
+use crate::model::load::{open_classifier, LoadedModel};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One prediction.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Prediction {
+    /// The input text.
+    pub text: String,
+    /// The most probable label.
+    pub label: String,
+    /// Probability of every label.
+    pub probabilities: BTreeMap<String, f32>,
+}
+
+/// A classifier directory written by `shadertune train` or by transformers'
+/// GPT2ForSequenceClassification.
+pub struct Classifier {
+    model: LoadedModel,
+    labels: Vec<String>,
+}
+
+impl Classifier {
+    /// Opens `dir`; its config.json must name the labels (`id2label` or `num_labels`) and its
+    /// model.safetensors must hold `score.weight`.
+    pub fn open(dir: &Path) -> Result<Classifier, TrainError> {
+        let config_path = dir.join("config.json");
+        let config = crate::model::config::Gpt2Config::from_file(&config_path)
+            .map_err(|source| crate::model::load::ModelError::Config { path: config_path.clone(), source })?;
+        let labels: Vec<String> = match (&config.id2label, config.num_labels) {
+            (Some(map), _) => map.values().cloned().collect(),
+            (None, Some(k)) => (0..k).map(|i| format!("LABEL_{i}")).collect(),
+            (None, None) => {
+                return Err(TrainError::Invalid(format!(
+                    "{} names no labels (no id2label or num_labels): it is not a classifier; train one with `shadertune train`",
+                    config_path.display()
+                )))
+            }
+        };
+        let model = open_classifier(dir, labels.len(), 0)?;
+        if model.new_head || model.random_init {
+            return Err(TrainError::Invalid(format!(
+                "{} has no trained classification head (score.weight); train one with `shadertune train`",
+                dir.display()
+            )));
+        }
+        Ok(Classifier { model, labels })
+    }
+
+    /// Label names in class order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    fn session<'g>(&self, gpu: &'g Gpu, batch: usize, seq_len: usize) -> Result<Session<'g>, TrainError> {
+        let head = Head::Classifier { num_labels: self.labels.len() };
+        let graph = build_graph(
+            &self.model.config,
+            head,
+            BatchShape { batch, seq_len },
+            Trainable::Nothing,
+            gpu.limits().max_storage_buffer_binding_size,
+        );
+        Ok(Session::new(gpu, graph, &self.model.weights, false, OptimizerSettings::default())?)
+    }
+
+    /// Classifies `texts`; texts longer than the model's context keep their first n_positions tokens.
+    pub fn predict(&self, gpu: &Gpu, texts: &[String], batch_size: usize) -> Result<Vec<Prediction>, TrainError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n_positions = self.model.config.n_positions;
+        let eos = self.model.tokenizer.eos_id();
+        let examples: Vec<EncodedExample> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = self.model.tokenizer.encode(t);
+                ids.truncate(n_positions);
+                if ids.is_empty() {
+                    ids.push(eos);
+                }
+                EncodedExample { ids, label: 0 }
+            })
+            .collect();
+        let seq_len = examples.iter().map(|e| e.ids.len()).max().unwrap_or(1);
+        let data = EncodedExamples { examples, seq_len, truncated: 0, pad_id: eos };
+        let batch = batch_size.clamp(1, texts.len());
+        let mut session = self.session(gpu, batch, seq_len)?;
+        let k = self.labels.len();
+        let mut out = Vec::with_capacity(texts.len());
+        for b in BatchIter::evaluate(&data, batch)? {
+            session.set_inputs(&StepInputs { ids: &b.ids, lengths: &b.lengths, targets: &b.labels });
+            session.submit(false, None, 1.0)?;
+            let logits = session.read_logits()?;
+            for row in 0..b.real {
+                let probs = softmax(&logits[row * k..(row + 1) * k]);
+                let text = texts[out.len()].clone();
+                out.push(Prediction {
+                    text,
+                    label: self.labels[argmax(&probs)].clone(),
+                    probabilities: self.labels.iter().cloned().zip(probs.iter().copied()).collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Evaluates the classifier on a labelled file; labels must be among the model's.
+    pub fn evaluate_file(
+        &self,
+        gpu: &Gpu,
+        path: &Path,
+        read: &ReadOptions,
+        batch_size: usize,
+        max_length: Option<usize>,
+    ) -> Result<(Evaluation, crate::data::Dataset, usize, usize), TrainError> {
+        let dataset = data::read_labelled(path, read)?;
+        for label in &dataset.label_names {
+            if !self.labels.contains(label) {
+                return Err(TrainError::Invalid(format!(
+                    "{}: label `{label}` is not one of the model's labels ({})",
+                    path.display(),
+                    self.labels.join(", ")
+                )));
+            }
+        }
+        let encoded = data::encode_examples(
+            &self.model.tokenizer,
+            &dataset.examples,
+            &self.labels,
+            max_length,
+            self.model.config.n_positions,
+        )?;
+        let mut session = self.session(gpu, batch_size, encoded.seq_len)?;
+        let eval = evaluate(&mut session, &encoded, batch_size, self.labels.len(), None)?;
+        Ok((eval, dataset, encoded.seq_len, encoded.truncated))
+    }
+}

@@ -1,0 +1,7 @@
+//! Training loop, metrics, checkpoints and reports.
+pub mod metrics;
+pub mod report;
+pub mod classifier;
+pub mod classify;
+pub mod eval;
+pub mod schedule;
