@@ -356,3 +356,119 @@ pub fn bench_kernels(gpu: &Gpu, shapes: BenchShapes, warmup: usize, repeats: usi
     }
     Ok(results)
 }
+
+/// One training-step benchmark result.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StepTiming {
+    /// Median milliseconds per step (forward, backward, optimizer, loss read-back).
+    pub ms_per_step: f64,
+    /// Tokens processed per second (B * T / step time).
+    pub tokens_per_s: f64,
+    /// Achieved GFLOP/s of the step's forward and backward FLOPs.
+    pub gflops: f64,
+    /// Best matmul rate measured in the same run, GFLOP/s, on the step's MLP product.
+    pub matmul_peak_gflops: f64,
+    /// `gflops / matmul_peak_gflops`.
+    pub ratio_to_matmul_peak: f64,
+    /// Forward plus backward FLOPs per step.
+    pub flops_per_step: u64,
+    /// GPU milliseconds per kernel kind in one profiled step, largest first (empty without
+    /// timestamp queries).
+    pub profile: Vec<(String, f64)>,
+}
+
+/// Groups dispatch labels by kernel kind: the label up to the first tensor name.
+fn kernel_kind(label: &str) -> String {
+    let words: Vec<&str> = label.split_whitespace().collect();
+    let kind: Vec<&str> = words.iter().take_while(|w| !w.contains('.') && !w.contains('[')).copied().collect();
+    if kind.is_empty() {
+        label.to_string()
+    } else {
+        kind.join(" ")
+    }
+}
+
+/// Times training steps of a classifier (or language model) of `config` with random weights and
+/// random token ids: `warmup` untimed steps, then the median of `repeats`.
+pub fn bench_step(
+    gpu: &Gpu,
+    config: &crate::model::config::Gpt2Config,
+    head: crate::model::gpt2::Head,
+    shape: crate::model::gpt2::BatchShape,
+    trainable: crate::model::gpt2::Trainable,
+    warmup: usize,
+    repeats: usize,
+) -> Result<StepTiming, crate::train::classifier::TrainError> {
+    use crate::graph::executor::{OptimizerSettings, StepInputs};
+    use crate::model::gpt2::{build_graph, Head};
+    use crate::model::weights::{init_random, HeadKind};
+
+    let head_kind = match head {
+        Head::LanguageModel => HeadKind::LanguageModel,
+        Head::Classifier { num_labels } => HeadKind::Classifier { num_labels },
+    };
+    let weights = init_random(config, head_kind, 0)
+        .map_err(|e| crate::train::classifier::TrainError::Invalid(e.to_string()))?;
+    let graph = build_graph(config, head, shape, trainable, gpu.limits().max_storage_buffer_binding_size);
+    let mut session = crate::graph::Session::new(gpu, graph, &weights, true, OptimizerSettings::default())?;
+    let summary = session.summary();
+
+    let (b, t) = (shape.batch, shape.seq_len);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let vocab = config.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|_| rng.random_range(0..vocab)).collect();
+    let lengths = vec![t as u32; b];
+    let targets: Vec<i32> = match head {
+        Head::Classifier { num_labels } => (0..b).map(|_| rng.random_range(0..num_labels as i32)).collect(),
+        Head::LanguageModel => (0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect(),
+    };
+    session.set_inputs(&StepInputs { ids: &ids, lengths: &lengths, targets: &targets });
+    // A learning rate of zero keeps the random weights, and so the work per step, unchanged.
+    for _ in 0..warmup {
+        session.submit(true, Some(0.0), 1.0)?;
+        session.read_loss()?;
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats.max(1) {
+        let start = std::time::Instant::now();
+        session.submit(true, Some(0.0), 1.0)?;
+        session.read_loss()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let ms = median(&times);
+    let mut by_kind: Vec<(String, f64)> = Vec::new();
+    if let Some(profile) = session.profile(true)? {
+        for (label, ms) in profile {
+            let kind = kernel_kind(&label);
+            match by_kind.iter_mut().find(|(k, _)| *k == kind) {
+                Some(entry) => entry.1 += ms,
+                None => by_kind.push((kind, ms)),
+            }
+        }
+        by_kind.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
+
+    // The best matmul rate of this run, on the step's largest product (the MLP up-projection).
+    let rows = b * t;
+    let inner = config.n_embd;
+    let cols = config.inner_dim();
+    let mut maker = Maker { gpu, rng: rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed) };
+    let mut peak: f64 = 0.0;
+    for case in matmul_cases(&mut maker, rows, inner, cols, "mlp.c_fc")? {
+        let case_ms = median(&gpu.time_dispatches(&case.kernel, &case.dispatches, 1, 5)?);
+        if let Some(flops) = case.flops {
+            peak = peak.max(flops as f64 / (case_ms / 1e3) / 1e9);
+        }
+    }
+    let flops = summary.forward_flops + summary.backward_flops;
+    let gflops = flops as f64 / (ms / 1e3) / 1e9;
+    Ok(StepTiming {
+        ms_per_step: ms,
+        tokens_per_s: (b * t) as f64 / (ms / 1e3),
+        gflops,
+        matmul_peak_gflops: peak,
+        ratio_to_matmul_peak: gflops / peak,
+        flops_per_step: flops,
+        profile: by_kind,
+    })
+}

@@ -13,6 +13,38 @@ pub(crate) struct BenchArgs {
 enum BenchCommand {
     /// Time every kernel family on GPT-2 small shapes (batch 8 x 120 tokens).
     Kernels(KernelArgs),
+    /// Time whole training steps of a model with random weights, with a per-kernel profile.
+    Step(StepArgs),
+}
+
+#[derive(Args, Debug)]
+struct StepArgs {
+    /// A config.json, or a preset: `mini` or `small` (GPT-2 124M).
+    #[arg(long, default_value = "small")]
+    config: String,
+    /// Parameters to train: head, last-blocks:N or all.
+    #[arg(long, default_value = "last-blocks:1")]
+    train: shadertune::model::gpt2::Trainable,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 120)]
+    max_length: usize,
+    /// Time the language-model head instead of a 2-class classifier.
+    #[arg(long)]
+    lm: bool,
+    /// Untimed steps before timing.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Timed steps; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 #[derive(Args, Debug)]
@@ -35,6 +67,7 @@ struct KernelArgs {
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match &args.what {
+        BenchCommand::Step(s) => run_step(s),
         BenchCommand::Kernels(k) => {
             let gpu = k.device.open()?;
             let shapes = if k.tiny { BenchShapes::tiny() } else { BenchShapes::gpt2_small() };
@@ -56,4 +89,39 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn run_step(args: &StepArgs) -> anyhow::Result<()> {
+    use shadertune::model::gpt2::{BatchShape, Head};
+    let config = super::plan::load_config(None, Some(&args.config))?;
+    if args.max_length == 0 || args.max_length > config.n_positions {
+        anyhow::bail!("--max-length {} is out of range: expected 1..={} (n_positions of the model)", args.max_length, config.n_positions);
+    }
+    if args.batch_size == 0 {
+        anyhow::bail!("--batch-size must be at least 1");
+    }
+    let gpu = args.device.open()?;
+    let head = if args.lm { Head::LanguageModel } else { Head::Classifier { num_labels: 2 } };
+    let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
+    let t = shadertune::bench::bench_step(&gpu, &config, head, shape, args.train, args.warmup, args.repeats.max(1))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&t)?);
+        return Ok(());
+    }
+    println!("adapter: {}", gpu.describe());
+    println!(
+        "model: {} layers, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
+        config.n_layer, config.n_embd, config.vocab_size, args.batch_size, args.max_length, args.train
+    );
+    println!("step:        {:.1} ms ({:.0} tokens/s)", t.ms_per_step, t.tokens_per_s);
+    println!("throughput:  {:.2} GFLOP/s of {:.1} GFLOP per step", t.gflops, t.flops_per_step as f64 / 1e9);
+    println!("matmul peak: {:.2} GFLOP/s in this run; step/peak ratio {:.2}", t.matmul_peak_gflops, t.ratio_to_matmul_peak);
+    if !t.profile.is_empty() {
+        let total: f64 = t.profile.iter().map(|(_, ms)| ms).sum();
+        println!("\nGPU time per kernel kind in one step (each dispatch timed in its own pass):");
+        for (kind, ms) in &t.profile {
+            println!("  {kind:<32} {ms:>10.2} ms {:>6.1}%", 100.0 * ms / total);
+        }
+    }
+    Ok(())
 }

@@ -162,6 +162,18 @@ impl<'g> Session<'g> {
         Ok(())
     }
 
+    /// Names of the tensors that hold model weight `name`: one, or one per row chunk.
+    #[cfg(test)]
+    pub(crate) fn plan_param_names(&self, name: &str) -> Vec<String> {
+        self.plan
+            .graph
+            .params
+            .iter()
+            .filter(|p| p.name == name)
+            .map(|p| self.plan.graph.tensors[p.tensor].name.clone())
+            .collect()
+    }
+
     /// Reads a tensor by name (an output, a parameter or a parameter gradient).
     pub fn read_tensor(&self, name: &str) -> Result<Option<Vec<f32>>, GpuError> {
         let Some(&id) = self.by_name.get(name) else { return Ok(None) };
@@ -234,6 +246,65 @@ impl<'g> Session<'g> {
         }
         self.gpu.queue.submit(Some(encoder.finish()));
         self.gpu.check_errors("training step")
+    }
+
+    /// Runs one step (forward, backward and an optimizer update with learning rate 0 when
+    /// `train`) with every dispatch in its own timed compute pass, and returns each dispatch's
+    /// label and GPU milliseconds. Needs TIMESTAMP_QUERY; returns `None` without it.
+    pub fn profile(&mut self, train: bool) -> Result<Option<Vec<(String, f64)>>, GpuError> {
+        if !self.gpu.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return Ok(None);
+        }
+        let end = if train { self.dispatches.len() } else { self.forward_dispatches };
+        if train {
+            let step = adamw::AdamWStep {
+                lr: 0.0,
+                beta1: self.settings.beta1,
+                beta2: self.settings.beta2,
+                eps: self.settings.eps,
+                bias_correction1: 1.0,
+                bias_correction2: 1.0,
+                max_norm: self.settings.clip_grad_norm.unwrap_or(0.0),
+                grad_scale: 1.0,
+            };
+            self.gpu.write(&self.step_buffer, 0, &[step]);
+        }
+        let count = (2 * end) as u32;
+        let query_set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("dispatch timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count,
+        });
+        let resolve = self.gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("dispatch timestamp resolve"),
+            size: u64::from(count) * 8,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut encoder =
+            self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profiled step") });
+        for (i, dispatch) in self.dispatches[..end].iter().enumerate() {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some(&dispatch.label),
+                timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                    query_set: &query_set,
+                    beginning_of_pass_write_index: Some(2 * i as u32),
+                    end_of_pass_write_index: Some(2 * i as u32 + 1),
+                }),
+            });
+            dispatch.record(&mut pass);
+        }
+        encoder.resolve_query_set(&query_set, 0..count, &resolve, 0);
+        self.gpu.queue.submit(Some(encoder.finish()));
+        let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
+        let period_ns = f64::from(self.gpu.queue.get_timestamp_period());
+        Ok(Some(
+            self.dispatches[..end]
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
+                .collect(),
+        ))
     }
 
     /// Optimizer steps taken so far.
