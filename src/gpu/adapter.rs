@@ -4,7 +4,7 @@ use super::{Gpu, GpuError};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-/// Which graphics API to look for adapters on.
+/// Graphics API searched for adapters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum BackendChoice {
     /// Every backend wgpu was built with; Vulkan, Metal and DX12 adapters are preferred over GL.
@@ -64,7 +64,7 @@ pub struct GpuOptions {
     pub adapter: Option<usize>,
 }
 
-/// What `shadertune devices` prints for one adapter.
+/// Description of one adapter, as `shadertune devices` prints it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AdapterSummary {
     /// Position in the list, as taken by `--adapter`.

@@ -28,7 +28,7 @@ pub enum GpuError {
     NoAdapter {
         /// The backends that were asked for adapters.
         tried: String,
-        /// What to install or change next.
+        /// The next step: what to install or change.
         hint: String,
     },
     /// The requested adapter index does not exist.
@@ -64,7 +64,7 @@ pub enum GpuError {
         label: String,
         /// Requested size in bytes.
         bytes: u64,
-        /// Which limit was exceeded.
+        /// Name of the exceeded limit.
         limit_name: &'static str,
         /// The limit in bytes.
         limit: u64,
@@ -106,7 +106,7 @@ pub enum GpuError {
     /// The driver reported an error while executing submitted work.
     #[error("the GPU reported an error while running `{context}`: {message}")]
     Execution {
-        /// What was running.
+        /// The work that was running.
         context: String,
         /// The driver's message.
         message: String,
@@ -114,7 +114,7 @@ pub enum GpuError {
     /// The device was lost (driver reset, out of memory, or the adapter went away).
     #[error("the GPU device was lost while running `{context}`: {message}")]
     DeviceLost {
-        /// What was running.
+        /// The work that was running.
         context: String,
         /// The driver's message.
         message: String,
@@ -143,17 +143,17 @@ impl Gpu {
         &self.info
     }
 
-    /// The limits the device was created with (the adapter's own limits).
+    /// Returns the limits the device was created with (the adapter's own limits).
     pub fn limits(&self) -> &wgpu::Limits {
         &self.limits
     }
 
-    /// The features enabled on the device.
+    /// Returns the features enabled on the device.
     pub fn features(&self) -> wgpu::Features {
         self.features
     }
 
-    /// One line naming the adapter, backend and driver, for logs and reports.
+    /// Returns one line naming the adapter, backend and driver, for logs and reports.
     pub fn describe(&self) -> String {
         format!(
             "{} ({:?}, {:?}, driver {} {})",
@@ -195,7 +195,7 @@ impl Gpu {
     }
 
     /// A 16-byte zeroed storage buffer to bind in place of an absent optional input (a bias,
-    /// for example); kernels read it only when their parameters say the input is present.
+    /// for example); kernels read it only when their parameters mark the input as present.
     pub(crate) fn placeholder(&self) -> TensorBinding<'_> {
         let buffer = self.placeholder.get_or_init(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {

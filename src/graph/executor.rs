@@ -29,7 +29,7 @@ impl Default for OptimizerSettings {
     }
 }
 
-/// What the host writes before a step. Lengths are the real token counts of each row (1..=T);
+/// Inputs the host writes before a step. Lengths are the real token counts of each row (1..=T);
 /// targets are class indices (classifier) or next-token ids (language model), negative to ignore.
 pub struct StepInputs<'a> {
     /// Token ids (B*T), right-padded.

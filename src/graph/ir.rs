@@ -155,7 +155,7 @@ impl Op {
     }
 }
 
-/// Where a parameter tensor's values come from: rows `row_offset..row_offset + rows` of the
+/// Source of a parameter tensor's values: rows `row_offset..row_offset + rows` of the
 /// model weight `name` (all rows unless the weight is split into chunks).
 #[derive(Clone, Debug)]
 pub(crate) struct ParamSource {

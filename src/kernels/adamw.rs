@@ -8,7 +8,7 @@ pub(crate) static FAMILY: ShaderFamily =
 
 /// Must match `WORKGROUP_SIZE` in the shader.
 pub(crate) const WORKGROUP_SIZE: u32 = 256;
-/// Must match `ELEMENTS_PER_INVOCATION` in the shader.
+/// Floats per invocation: the shader handles one vec4.
 const ELEMENTS_PER_INVOCATION: u64 = 4;
 
 static UPDATE: KernelEntry = KernelEntry {
@@ -95,9 +95,10 @@ pub(crate) fn update(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "step", &step, std::mem::size_of::<AdamWStep>() / 4);
     check_binding(label, "norm", &norm, 1);
-    for (name, binding) in [("param", &param), ("grad", &grad), ("m", &m), ("v", &v)] {
-        check_binding(label, name, binding, len);
-    }
+    let param = super::matmul::sized_binding(label, "param", param, len, true);
+    let grad = super::matmul::sized_binding(label, "grad", grad, len, true);
+    let m = super::matmul::sized_binding(label, "m", m, len, true);
+    let v = super::matmul::sized_binding(label, "v", v, len, true);
     let p = AdamWParams { len: len as u32, weight_decay, _pad0: 0, _pad1: 0 };
     let groups = super::grid_1d(gpu, (len as u64).div_ceil(ELEMENTS_PER_INVOCATION), WORKGROUP_SIZE);
     gpu.dispatch(&UPDATE, label, Some(bytemuck::bytes_of(&p)), &[step, norm, param, grad, m, v], groups)

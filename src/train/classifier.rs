@@ -197,6 +197,22 @@ pub fn check_output_dir(dir: &Path) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// Writes each split as JSON Lines (`{"text": ..., "label": ...}` per line) under `dir/splits/`,
+/// so that any split can be evaluated again with `shadertune eval`.
+fn write_splits(dir: &Path, splits: &data::Splits) -> Result<(), TrainError> {
+    for (name, examples) in [("train", &splits.train), ("validation", &splits.validation), ("test", &splits.test)] {
+        let mut text = String::new();
+        for e in examples.iter() {
+            let line = serde_json::json!({ "text": e.text, "label": e.label });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        let path = dir.join("splits").join(format!("{name}.jsonl"));
+        write_atomic(&path, text.as_bytes()).map_err(|e| TrainError::Write { path: path.clone(), message: e.to_string() })?;
+    }
+    Ok(())
+}
+
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
     let text = serde_json::to_string_pretty(value).expect("report structs serialize");
     write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Write { path: path.to_path_buf(), message: e.to_string() })
@@ -223,6 +239,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let balanced = data::balance(dataset.examples.clone(), config.balance, config.seed);
     let rows_after_balancing = balanced.len();
     let splits = data::split(balanced, config.split, config.seed)?;
+    write_splits(&config.out_dir, &splits)?;
 
     let model = open_classifier(&config.model_dir, labels.len(), config.seed)?;
     if model.random_init {
