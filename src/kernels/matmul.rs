@@ -4,14 +4,32 @@
 //! The shader has three GEMM forms (`matmul_nn`, `matmul_nt`, `matmul_tn`) and a column sum.
 //! Each launcher below picks the form that its operation and weight layout need, and whether the
 //! reduction can use vec4 loads.
+//!
+//! `shaders/matmul_subgroup.wgsl` has the same three forms for adapters whose subgroups have
+//! exactly 8 lanes (lavapipe): lanes share the loads of one operand through `subgroupBroadcast`.
+//! A product uses it when the device has the SUBGROUP feature, the adapter's smallest and largest
+//! subgroup sizes are both 8, and the product can use vec4 loads. Every other product uses
+//! `shaders/matmul.wgsl`, which is also the reference for the tests. Setting the environment variable
+//! `SHADERTUNE_MATMUL=generic` makes every product use `shaders/matmul.wgsl`, to compare the two.
 
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
 pub(crate) static FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul", source: include_str!("../../shaders/matmul.wgsl") };
 
-/// Must match `WORKGROUP_SIZE` in the shader.
+pub(crate) static SUBGROUP_FAMILY: ShaderFamily =
+    ShaderFamily { name: "matmul_subgroup", source: include_str!("../../shaders/matmul_subgroup.wgsl") };
+
+/// Must match `WORKGROUP_SIZE` in both shaders.
 pub(crate) const WORKGROUP_SIZE: u32 = 64;
+/// Subgroup size that `shaders/matmul_subgroup.wgsl` assumes; must match `LANES` there.
+const SUBGROUP_LANES: u32 = 8;
+/// Result rows and columns per invocation of the subgroup variant; must match `BLOCK_ROWS` and
+/// `BLOCK_COLS` there. One subgroup covers BLOCK_ROWS rows and SUBGROUP_LANES * BLOCK_COLS columns.
+const BLOCK_ROWS: usize = 32;
+const BLOCK_COLS: usize = 8;
+/// Environment variable that selects the matmul kernels; `generic` forces `shaders/matmul.wgsl`.
+const KERNEL_VARIABLE: &str = "SHADERTUNE_MATMUL";
 /// Result rows per invocation; must match `TILE_ROWS` in the shader.
 const TILE_ROWS: usize = 16;
 /// Result columns per invocation; must match `TILE_COLS` in the shader.
@@ -40,6 +58,15 @@ static TN: KernelEntry = KernelEntry {
     entry: "matmul_tn",
     bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
 };
+static SUBGROUP_NN: KernelEntry =
+    KernelEntry { family: &SUBGROUP_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
+static SUBGROUP_NT: KernelEntry =
+    KernelEntry { family: &SUBGROUP_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
+static SUBGROUP_TN: KernelEntry = KernelEntry {
+    family: &SUBGROUP_FAMILY,
+    entry: "matmul_tn",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
+};
 static BACKWARD_BIAS: KernelEntry = KernelEntry {
     family: &FAMILY,
     entry: "matmul_backward_bias",
@@ -53,6 +80,46 @@ pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[
     (&TN, WORKGROUP_SIZE),
     (&BACKWARD_BIAS, WORKGROUP_SIZE),
 ];
+
+/// Entry points of the subgroup variant and their WGSL workgroup sizes. They compile only on
+/// devices with the SUBGROUP feature.
+pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] =
+    &[(&SUBGROUP_NN, WORKGROUP_SIZE), (&SUBGROUP_NT, WORKGROUP_SIZE), (&SUBGROUP_TN, WORKGROUP_SIZE)];
+
+/// The shader family that runs a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// `shaders/matmul.wgsl`, for every adapter and shape.
+    Generic,
+    /// `shaders/matmul_subgroup.wgsl`.
+    Subgroup,
+}
+
+/// The variant that a launcher requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Preference {
+    /// The subgroup variant where it applies, unless `SHADERTUNE_MATMUL=generic` is set.
+    Auto,
+    /// Always `shaders/matmul.wgsl`.
+    Generic,
+    /// The subgroup variant where it applies, even when `SHADERTUNE_MATMUL=generic` is set.
+    Subgroup,
+}
+
+/// True when `SHADERTUNE_MATMUL=generic` is set, read once per process.
+fn generic_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var(KERNEL_VARIABLE).is_ok_and(|value| value.trim() == "generic"))
+}
+
+/// True when the device can run `shaders/matmul_subgroup.wgsl` as written: subgroup operations
+/// are enabled and every subgroup has exactly SUBGROUP_LANES lanes.
+fn subgroups_fit(gpu: &Gpu) -> bool {
+    let info = gpu.info();
+    gpu.features().contains(wgpu::Features::SUBGROUP)
+        && info.subgroup_min_size == SUBGROUP_LANES
+        && info.subgroup_max_size == SUBGROUP_LANES
+}
 
 /// Storage order of a linear layer's weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,26 +274,53 @@ impl Product {
         }
     }
 
-    fn workgroups(&self, gpu: &Gpu) -> [u32; 3] {
-        let tiles = self.rows.div_ceil(TILE_ROWS) * self.cols.div_ceil(TILE_COLS);
-        super::grid_1d(gpu, tiles as u64, WORKGROUP_SIZE)
+    /// Selects the shader that runs this product. The subgroup variant needs a fitting device and
+    /// the alignment of vec4 loads, because it reads every operand as vec4s.
+    fn variant(&self, gpu: &Gpu, preference: Preference) -> Variant {
+        let preference = match preference {
+            Preference::Auto if generic_forced() => Preference::Generic,
+            Preference::Auto => Preference::Subgroup,
+            chosen => chosen,
+        };
+        if preference == Preference::Subgroup && self.vec4_loads() && subgroups_fit(gpu) {
+            Variant::Subgroup
+        } else {
+            Variant::Generic
+        }
     }
 
+    fn workgroups(&self, gpu: &Gpu, variant: Variant) -> [u32; 3] {
+        let invocations = match variant {
+            Variant::Generic => self.rows.div_ceil(TILE_ROWS) * self.cols.div_ceil(TILE_COLS),
+            Variant::Subgroup => {
+                let group_cols = SUBGROUP_LANES as usize * BLOCK_COLS;
+                self.rows.div_ceil(BLOCK_ROWS) * self.cols.div_ceil(group_cols) * SUBGROUP_LANES as usize
+            }
+        };
+        super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn dispatch(
         &self,
         gpu: &Gpu,
         label: &str,
+        preference: Preference,
         result: TensorBinding<'_>,
         lhs: TensorBinding<'_>,
         rhs: TensorBinding<'_>,
         bias: Option<TensorBinding<'_>>,
     ) -> Result<Dispatch, GpuError> {
         let params = self.params();
-        let groups = self.workgroups(gpu);
-        let kernel = match self.form {
-            Form::Nn => &NN,
-            Form::Nt => &NT,
-            Form::Tn => &TN,
+        let variant = self.variant(gpu, preference);
+        let groups = self.workgroups(gpu, variant);
+        let kernel = match (variant, self.form) {
+            (Variant::Generic, Form::Nn) => &NN,
+            (Variant::Generic, Form::Nt) => &NT,
+            (Variant::Generic, Form::Tn) => &TN,
+            (Variant::Subgroup, Form::Nn) => &SUBGROUP_NN,
+            (Variant::Subgroup, Form::Nt) => &SUBGROUP_NT,
+            (Variant::Subgroup, Form::Tn) => &SUBGROUP_TN,
         };
         match self.form {
             Form::Nn | Form::Nt => {
@@ -296,6 +390,21 @@ pub(crate) fn forward(
     bias: Option<TensorBinding<'_>>,
     out: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
+    forward_with(gpu, label, Preference::Auto, shape, inp, weight, bias, out)
+}
+
+/// [`forward`] with the choice of variant.
+#[allow(clippy::too_many_arguments)]
+fn forward_with(
+    gpu: &Gpu,
+    label: &str,
+    preference: Preference,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    weight: TensorBinding<'_>,
+    bias: Option<TensorBinding<'_>>,
+    out: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
     shape.check(label);
     let MatmulShape { rows, inner, cols, layout, .. } = shape;
     let (form, weight_operand) = match layout {
@@ -317,7 +426,7 @@ pub(crate) fn forward(
     let weight = sized_binding(label, "weight", weight, inner * cols, true);
     let bias = bias.map(|b| sized_binding(label, "bias", b, cols, false));
     let out = sized_binding(label, "out", out, shape.out_floats(), false);
-    product.dispatch(gpu, label, out, inp, weight, bias)
+    product.dispatch(gpu, label, preference, out, inp, weight, bias)
 }
 
 /// Creates the dispatch of the input gradient
@@ -334,6 +443,21 @@ pub(crate) fn forward(
 pub(crate) fn backward_input(
     gpu: &Gpu,
     label: &str,
+    shape: MatmulShape,
+    dout: TensorBinding<'_>,
+    weight: TensorBinding<'_>,
+    dinp: TensorBinding<'_>,
+    accumulate: bool,
+) -> Result<Dispatch, GpuError> {
+    backward_input_with(gpu, label, Preference::Auto, shape, dout, weight, dinp, accumulate)
+}
+
+/// [`backward_input`] with the choice of variant.
+#[allow(clippy::too_many_arguments)]
+fn backward_input_with(
+    gpu: &Gpu,
+    label: &str,
+    preference: Preference,
     shape: MatmulShape,
     dout: TensorBinding<'_>,
     weight: TensorBinding<'_>,
@@ -362,7 +486,7 @@ pub(crate) fn backward_input(
     let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
     let weight = sized_binding(label, "weight", weight, inner * cols, true);
     let dinp = sized_binding(label, "dinp", dinp, rows * inner, false);
-    product.dispatch(gpu, label, dinp, dout, weight, None)
+    product.dispatch(gpu, label, preference, dinp, dout, weight, None)
 }
 
 /// Creates the dispatch of the weight gradient
@@ -380,6 +504,19 @@ pub(crate) fn backward_input(
 pub(crate) fn backward_weight(
     gpu: &Gpu,
     label: &str,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    dout: TensorBinding<'_>,
+    dweight: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    backward_weight_with(gpu, label, Preference::Auto, shape, inp, dout, dweight)
+}
+
+/// [`backward_weight`] with the choice of variant.
+fn backward_weight_with(
+    gpu: &Gpu,
+    label: &str,
+    preference: Preference,
     shape: MatmulShape,
     inp: TensorBinding<'_>,
     dout: TensorBinding<'_>,
@@ -411,7 +548,7 @@ pub(crate) fn backward_weight(
         WeightLayout::InOut => (inp, dout),
         WeightLayout::OutIn => (dout, inp),
     };
-    product.dispatch(gpu, label, dweight, lhs, rhs, None)
+    product.dispatch(gpu, label, preference, dweight, lhs, rhs, None)
 }
 
 /// Creates the dispatch of the bias gradient `dbias[n] += sum_m dout[m, out_offset + n]`.
@@ -488,6 +625,9 @@ mod tests {
         (33, 20, 64),
     ];
     const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
+    /// Every case runs on both variants. On an adapter without fitting subgroups, and for
+    /// products without vec4 alignment, `Subgroup` falls back to the generic shader.
+    const PATHS: [Preference; 2] = [Preference::Generic, Preference::Subgroup];
 
     fn reference_dims(shape: &MatmulShape, rows: usize, cols: usize) -> MatmulDims {
         let layout = match shape.layout {
@@ -543,7 +683,7 @@ mod tests {
     }
 
     /// Runs `forward` and compares rows `sample(M, samples)` with the reference.
-    fn check_forward(gpu: &Gpu, shape: MatmulShape, with_bias: bool, samples: usize, seed: u64) {
+    fn check_forward(gpu: &Gpu, path: Preference, shape: MatmulShape, with_bias: bool, samples: usize, seed: u64) {
         let MatmulShape { rows, inner, cols, .. } = shape;
         let inp = random_vec(rows * inner, seed);
         let weight = random_vec(inner * cols, seed + 1);
@@ -553,9 +693,10 @@ mod tests {
         let bias_buffer = upload(gpu, "bias", &bias);
         let out_buffer = upload(gpu, "out", &random_vec(rows * cols, seed + 3));
         let bias_binding = with_bias.then(|| (&bias_buffer).into());
-        let dispatch = forward(
+        let dispatch = forward_with(
             gpu,
             "matmul forward",
+            path,
             shape,
             (&inp_buffer).into(),
             (&weight_buffer).into(),
@@ -574,13 +715,13 @@ mod tests {
             with_bias.then_some(bias64.as_slice()),
             reference_dims(&shape, checked.len(), cols),
         );
-        let description = format!("matmul forward {} bias={with_bias} rows {checked:?}", describe(&shape));
+        let description = format!("matmul forward {path:?} {} bias={with_bias} rows {checked:?}", describe(&shape));
         assert_close(&description, &take_rows(&got, cols, &checked), &want, ATOL, RTOL);
     }
 
     /// Runs `backward_input` into a dinp that contains random values, and compares rows
     /// `sample(M, samples)` with the reference (plus those values when accumulating).
-    fn check_backward_input(gpu: &Gpu, shape: MatmulShape, accumulate: bool, samples: usize, seed: u64) {
+    fn check_backward_input(gpu: &Gpu, path: Preference, shape: MatmulShape, accumulate: bool, samples: usize, seed: u64) {
         let MatmulShape { rows, inner, cols, .. } = shape;
         let dout = random_vec(rows * cols, seed);
         let weight = random_vec(inner * cols, seed + 1);
@@ -588,9 +729,10 @@ mod tests {
         let dout_buffer = upload(gpu, "dout", &dout);
         let weight_buffer = upload(gpu, "weight", &weight);
         let dinp_buffer = upload(gpu, "dinp", &initial);
-        let dispatch = backward_input(
+        let dispatch = backward_input_with(
             gpu,
             "matmul backward_input",
+            path,
             shape,
             (&dout_buffer).into(),
             (&weight_buffer).into(),
@@ -612,13 +754,14 @@ mod tests {
                 *w += f64::from(i);
             }
         }
-        let description = format!("matmul backward_input {} accumulate={accumulate} rows {checked:?}", describe(&shape));
+        let description =
+            format!("matmul backward_input {path:?} {} accumulate={accumulate} rows {checked:?}", describe(&shape));
         assert_close(&description, &take_rows(&got, inner, &checked), &want, ATOL, RTOL);
     }
 
     /// Runs `backward_weight` into a dweight that contains random values, and compares the
     /// gradient of output columns `sample(N, samples)` with the reference plus those values.
-    fn check_backward_weight(gpu: &Gpu, shape: MatmulShape, samples: usize, seed: u64) {
+    fn check_backward_weight(gpu: &Gpu, path: Preference, shape: MatmulShape, samples: usize, seed: u64) {
         let MatmulShape { rows, inner, cols, .. } = shape;
         let inp = random_vec(rows * inner, seed);
         let dout = random_vec(rows * cols, seed + 1);
@@ -626,9 +769,10 @@ mod tests {
         let inp_buffer = upload(gpu, "inp", &inp);
         let dout_buffer = upload(gpu, "dout", &dout);
         let dweight_buffer = upload(gpu, "dweight", &initial);
-        let dispatch = backward_weight(
+        let dispatch = backward_weight_with(
             gpu,
             "matmul backward_weight",
+            path,
             shape,
             (&inp_buffer).into(),
             (&dout_buffer).into(),
@@ -647,7 +791,7 @@ mod tests {
         for (w, i) in want.iter_mut().zip(weight_cols(&initial, &shape, &checked)) {
             *w += f64::from(i);
         }
-        let description = format!("matmul backward_weight {} columns {checked:?}", describe(&shape));
+        let description = format!("matmul backward_weight {path:?} {} columns {checked:?}", describe(&shape));
         assert_close(&description, &weight_cols(&got, &shape, &checked), &want, ATOL, RTOL);
     }
 
@@ -696,13 +840,47 @@ mod tests {
         assert!(!offset.vec4_loads(), "nt with lhs offset 2 must not use vec4 loads");
     }
 
+    /// The subgroup cases exercise the subgroup shader only if the launchers pick it. On an
+    /// adapter with 8-lane subgroups, aligned products of every form must use it. Products
+    /// without vec4 alignment and `Preference::Generic` must not.
+    #[test]
+    fn subgroup_variant_is_chosen_where_it_applies() {
+        let Some(gpu) = test_gpu() else { return };
+        let fits = subgroups_fit(gpu);
+        let product = |form: Form, inner: usize| Product {
+            form,
+            rows: 960,
+            cols: 768,
+            inner,
+            lhs: Operand::dense(768),
+            rhs: Operand::dense(768),
+            out: Operand::dense(768),
+            accumulate: false,
+            has_bias: false,
+        };
+        let expected = if fits { Variant::Subgroup } else { Variant::Generic };
+        for form in [Form::Nn, Form::Nt, Form::Tn] {
+            let chosen = product(form, 768).variant(gpu, Preference::Subgroup);
+            assert_eq!(chosen, expected, "{form:?} 960x768x768 on {} (subgroups fit: {fits})", gpu.describe());
+            let generic = product(form, 768).variant(gpu, Preference::Generic);
+            assert_eq!(generic, Variant::Generic, "{form:?} with Preference::Generic");
+        }
+        let mut odd = product(Form::Nt, 768);
+        odd.lhs.offset = 2;
+        assert_eq!(odd.variant(gpu, Preference::Subgroup), Variant::Generic, "nt with lhs offset 2");
+        assert_eq!(product(Form::Nn, 29).variant(gpu, Preference::Subgroup), Variant::Generic, "nn with K=29");
+    }
+
     #[test]
     fn matmul_forward_matches_reference() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
-            for layout in LAYOUTS {
-                for with_bias in [true, false] {
-                    check_forward(gpu, MatmulShape::new(rows, inner, cols, layout), with_bias, usize::MAX, 10 * i as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+                for layout in LAYOUTS {
+                    for with_bias in [true, false] {
+                        let shape = MatmulShape::new(rows, inner, cols, layout);
+                        check_forward(gpu, path, shape, with_bias, usize::MAX, 10 * i as u64);
+                    }
                 }
             }
         }
@@ -711,11 +889,13 @@ mod tests {
     #[test]
     fn matmul_backward_input_matches_reference() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
-            for layout in LAYOUTS {
-                for accumulate in [false, true] {
-                    let shape = MatmulShape::new(rows, inner, cols, layout);
-                    check_backward_input(gpu, shape, accumulate, usize::MAX, 100 + 10 * i as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+                for layout in LAYOUTS {
+                    for accumulate in [false, true] {
+                        let shape = MatmulShape::new(rows, inner, cols, layout);
+                        check_backward_input(gpu, path, shape, accumulate, usize::MAX, 100 + 10 * i as u64);
+                    }
                 }
             }
         }
@@ -724,9 +904,12 @@ mod tests {
     #[test]
     fn matmul_backward_weight_matches_reference() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
-            for layout in LAYOUTS {
-                check_backward_weight(gpu, MatmulShape::new(rows, inner, cols, layout), usize::MAX, 200 + 10 * i as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in SMALL.iter().enumerate() {
+                for layout in LAYOUTS {
+                    let shape = MatmulShape::new(rows, inner, cols, layout);
+                    check_backward_weight(gpu, path, shape, usize::MAX, 200 + 10 * i as u64);
+                }
             }
         }
     }
@@ -743,22 +926,28 @@ mod tests {
     #[test]
     fn matmul_forward_gpt2_small_shapes() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
-            // Conv1D weights (K, N) come with a bias, and the nn.Linear heads (N, K) have none.
-            check_forward(gpu, MatmulShape::new(rows, inner, cols, WeightLayout::InOut), true, GPT2_SAMPLES, 400 + 10 * i as u64);
-            check_forward(gpu, MatmulShape::new(rows, inner, cols, WeightLayout::OutIn), false, GPT2_SAMPLES, 405 + 10 * i as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+                // Conv1D weights (K, N) come with a bias, and the nn.Linear heads (N, K) have none.
+                let conv = MatmulShape::new(rows, inner, cols, WeightLayout::InOut);
+                check_forward(gpu, path, conv, true, GPT2_SAMPLES, 400 + 10 * i as u64);
+                let linear = MatmulShape::new(rows, inner, cols, WeightLayout::OutIn);
+                check_forward(gpu, path, linear, false, GPT2_SAMPLES, 405 + 10 * i as u64);
+            }
         }
     }
 
     #[test]
     fn matmul_backward_input_gpt2_small_shapes() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
-            for (j, layout) in LAYOUTS.into_iter().enumerate() {
-                // Half of the cases accumulate, as every input gradient after the first does.
-                let accumulate = (i + j) % 2 == 1;
-                let shape = MatmulShape::new(rows, inner, cols, layout);
-                check_backward_input(gpu, shape, accumulate, GPT2_SAMPLES, 500 + 10 * i as u64 + j as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+                for (j, layout) in LAYOUTS.into_iter().enumerate() {
+                    // Half of the cases accumulate, as every input gradient after the first does.
+                    let accumulate = (i + j) % 2 == 1;
+                    let shape = MatmulShape::new(rows, inner, cols, layout);
+                    check_backward_input(gpu, path, shape, accumulate, GPT2_SAMPLES, 500 + 10 * i as u64 + j as u64);
+                }
             }
         }
     }
@@ -766,10 +955,12 @@ mod tests {
     #[test]
     fn matmul_backward_weight_gpt2_small_shapes() {
         let Some(gpu) = test_gpu() else { return };
-        for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
-            for (j, layout) in LAYOUTS.into_iter().enumerate() {
-                let shape = MatmulShape::new(rows, inner, cols, layout);
-                check_backward_weight(gpu, shape, GPT2_SAMPLES, 600 + 10 * i as u64 + j as u64);
+        for path in PATHS {
+            for (i, &(rows, inner, cols)) in GPT2_SMALL.iter().enumerate() {
+                for (j, layout) in LAYOUTS.into_iter().enumerate() {
+                    let shape = MatmulShape::new(rows, inner, cols, layout);
+                    check_backward_weight(gpu, path, shape, GPT2_SAMPLES, 600 + 10 * i as u64 + j as u64);
+                }
             }
         }
     }
@@ -777,9 +968,19 @@ mod tests {
     /// Splits the weight into chunks of at most `chunk` output columns, as a weight larger than
     /// the storage binding limit (the tied LM head) must be split, and checks every launcher
     /// against the unsplit reference.
-    fn check_chunked(gpu: &Gpu, rows: usize, inner: usize, vocab: usize, chunk: usize, layout: WeightLayout, seed: u64) {
+    #[allow(clippy::too_many_arguments)]
+    fn check_chunked(
+        gpu: &Gpu,
+        path: Preference,
+        rows: usize,
+        inner: usize,
+        vocab: usize,
+        chunk: usize,
+        layout: WeightLayout,
+        seed: u64,
+    ) {
         let full = MatmulShape::new(rows, inner, vocab, layout);
-        let description = format!("matmul chunked {} chunk={chunk}", describe(&full));
+        let description = format!("matmul chunked {path:?} {} chunk={chunk}", describe(&full));
         let inp = random_vec(rows * inner, seed);
         let weight = random_vec(inner * vocab, seed + 1);
         let bias = random_vec(vocab, seed + 2);
@@ -799,9 +1000,10 @@ mod tests {
             let bias_buffer = upload(gpu, "bias chunk", &bias[start..end]);
             let dweight_buffer = gpu.storage_buffer("dweight chunk", (inner * (end - start) * 4) as u64).unwrap();
             let dispatches = vec![
-                forward(
+                forward_with(
                     gpu,
                     "chunk forward",
+                    path,
                     shape,
                     (&inp_buffer).into(),
                     (&weight_buffer).into(),
@@ -809,9 +1011,10 @@ mod tests {
                     (&out_buffer).into(),
                 )
                 .unwrap(),
-                backward_input(
+                backward_input_with(
                     gpu,
                     "chunk backward_input",
+                    path,
                     shape,
                     (&dout_buffer).into(),
                     (&weight_buffer).into(),
@@ -819,9 +1022,10 @@ mod tests {
                     index > 0,
                 )
                 .unwrap(),
-                backward_weight(
+                backward_weight_with(
                     gpu,
                     "chunk backward_weight",
+                    path,
                     shape,
                     (&inp_buffer).into(),
                     (&dout_buffer).into(),
@@ -857,13 +1061,18 @@ mod tests {
     #[test]
     fn matmul_chunked_columns_match_reference() {
         let Some(gpu) = test_gpu() else { return };
-        for layout in LAYOUTS {
-            // 37 columns: odd stride and offsets, scalar loads of dout.
-            check_chunked(gpu, 11, 24, 37, 16, layout, 700);
-            // 40 columns in chunks of 16, 16 and 8: aligned offsets, vec4 loads of dout.
-            check_chunked(gpu, 9, 20, 40, 16, layout, 710);
-            // M = 1, as when generating one token.
-            check_chunked(gpu, 1, 32, 23, 10, layout, 720);
+        for path in PATHS {
+            for layout in LAYOUTS {
+                // 37 columns: odd stride and offsets, scalar loads of dout.
+                check_chunked(gpu, path, 11, 24, 37, 16, layout, 700);
+                // 40 columns in chunks of 16, 16 and 8: aligned offsets, vec4 loads of dout.
+                check_chunked(gpu, path, 9, 20, 40, 16, layout, 710);
+                // M = 1, as when generating one token.
+                check_chunked(gpu, path, 1, 32, 23, 10, layout, 720);
+                // 136 columns in chunks of 72 and 64: aligned, wider than one subgroup's 64
+                // columns, and 40 rows, more than one 32-row block.
+                check_chunked(gpu, path, 40, 36, 136, 72, layout, 730);
+            }
         }
     }
 
@@ -873,14 +1082,19 @@ mod tests {
         let shape = MatmulShape::new(37, 64, 52, WeightLayout::InOut);
         let inp = upload(gpu, "inp", &random_vec(37 * 64, 800));
         let dout = upload(gpu, "dout", &random_vec(37 * 52, 801));
-        let mut results = Vec::new();
-        for _ in 0..2 {
-            let dweight = gpu.storage_buffer("dweight", (64 * 52 * 4) as u64).unwrap();
-            run(gpu, backward_weight(gpu, "dweight", shape, (&inp).into(), (&dout).into(), (&dweight).into()).unwrap());
-            let bits: Vec<u32> = read(gpu, &dweight, 64 * 52).iter().map(|x| x.to_bits()).collect();
-            results.push(bits);
+        for path in PATHS {
+            let mut results = Vec::new();
+            for _ in 0..2 {
+                let dweight = gpu.storage_buffer("dweight", (64 * 52 * 4) as u64).unwrap();
+                let dispatch =
+                    backward_weight_with(gpu, "dweight", path, shape, (&inp).into(), (&dout).into(), (&dweight).into())
+                        .unwrap();
+                run(gpu, dispatch);
+                let bits: Vec<u32> = read(gpu, &dweight, 64 * 52).iter().map(|x| x.to_bits()).collect();
+                results.push(bits);
+            }
+            let first_difference = results[0].iter().zip(&results[1]).position(|(a, b)| a != b);
+            assert_eq!(first_difference, None, "matmul backward_weight {path:?} differs between two runs at that index");
         }
-        let first_difference = results[0].iter().zip(&results[1]).position(|(a, b)| a != b);
-        assert_eq!(first_difference, None, "matmul backward_weight differs between two runs at that index");
     }
 }

@@ -27,6 +27,7 @@ pub(crate) mod residual;
 pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &residual::FAMILY,
     &matmul::FAMILY,
+    &matmul::SUBGROUP_FAMILY,
     &layernorm::FAMILY,
     &gelu::FAMILY,
     &attention::FAMILY,
@@ -41,6 +42,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
 pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     residual::ENTRIES,
     matmul::ENTRIES,
+    matmul::SUBGROUP_ENTRIES,
     layernorm::ENTRIES,
     gelu::ENTRIES,
     attention::ENTRIES,
@@ -61,8 +63,14 @@ pub(crate) fn grid_1d(gpu: &crate::gpu::Gpu, items: u64, workgroup_size: u32) ->
 /// Compiles the pipeline of every kernel entry point on `gpu`, so a shader that the adapter's
 /// driver rejects is found before a run needs it. Returns the number of pipelines.
 pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::GpuError> {
+    let has_subgroups = gpu.features().contains(wgpu::Features::SUBGROUP);
     let mut count = 0;
     for (kernel, _) in ENTRY_SIZES.iter().flat_map(|list| list.iter()) {
+        // The subgroup variants are only ever chosen on adapters with SUBGROUP, and their module
+        // cannot be created without it.
+        if kernel.family.name == matmul::SUBGROUP_FAMILY.name && !has_subgroups {
+            continue;
+        }
         gpu.pipeline(kernel)?;
         count += 1;
     }
