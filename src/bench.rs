@@ -46,7 +46,7 @@ pub struct KernelTiming {
     /// Achieved GB/s of memory traffic, for memory-bound kernels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gbps: Option<f64>,
-    /// Where the time came from.
+    /// Source of the time.
     pub timing: TimingSource,
 }
 

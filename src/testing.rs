@@ -4,7 +4,7 @@ use crate::gpu::{Gpu, GpuOptions};
 use rand::{Rng, SeedableRng};
 use std::sync::OnceLock;
 
-/// The device shared by every GPU test of this process, or `None` (after printing why) when no
+/// Returns the device shared by every GPU test of this process, or `None` (after printing why) when no
 /// adapter exists and `REQUIRE_GPU` is not set to 1.
 pub(crate) fn test_gpu() -> Option<&'static Gpu> {
     static GPU: OnceLock<Option<Gpu>> = OnceLock::new();

@@ -67,7 +67,7 @@ fn plan_rejects_bad_trainable_set() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("last-blocks:N"));
 }
 
-/// A GPT-2-shaped config small enough to train in seconds on lavapipe.
+/// Writes a GPT-2-shaped config small enough to train in seconds on lavapipe.
 fn tiny_model(dir: &Path) -> PathBuf {
     let model = dir.join("tiny-model");
     std::fs::create_dir_all(&model).unwrap();
@@ -77,7 +77,7 @@ fn tiny_model(dir: &Path) -> PathBuf {
     model
 }
 
-/// The first `rows` lines of the bundled SMS Spam Collection.
+/// Writes the first `rows` lines of the bundled SMS Spam Collection to a file.
 fn sms_sample(dir: &Path, rows: usize) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data/sms_spam/SMSSpamCollection");
     let text = std::fs::read_to_string(source).unwrap();

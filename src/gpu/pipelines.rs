@@ -9,7 +9,7 @@ pub(crate) struct ShaderFamily {
     pub source: &'static str,
 }
 
-/// How a kernel reads one binding.
+/// Access mode of one kernel binding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum BindingKind {
     /// `var<uniform>`: the parameter struct.

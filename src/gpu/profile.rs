@@ -3,7 +3,7 @@
 use super::{Dispatch, Gpu, GpuError};
 use std::time::Instant;
 
-/// Where a measured duration came from.
+/// Source of a measured duration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum TimingSource {
     /// GPU timestamp queries written at the start and end of the compute pass.
@@ -13,7 +13,7 @@ pub enum TimingSource {
 }
 
 impl Gpu {
-    /// Which timing source [`Gpu::time_dispatches`] uses on this device.
+    /// Returns the timing source that [`Gpu::time_dispatches`] uses on this device.
     pub fn timing_source(&self) -> TimingSource {
         if self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
             TimingSource::Timestamps

@@ -56,7 +56,7 @@ pub(crate) enum Kernel {
 }
 
 impl Kernel {
-    /// Every tensor the kernel binds.
+    /// Returns every tensor the kernel binds.
     pub fn tensors(&self) -> Vec<TensorId> {
         use Kernel::*;
         match self {
@@ -128,7 +128,7 @@ impl Kernel {
     }
 }
 
-/// Where a tensor's bytes live.
+/// Storage location of a tensor's bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Storage {
     /// A buffer of its own, alive for the whole session (parameters, gradients, inputs, ...).
@@ -139,7 +139,7 @@ pub(crate) enum Storage {
     Unused,
 }
 
-/// What the planner knows about a step before anything runs.
+/// Counts, FLOPs and memory of a planned step, computed before anything runs.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PlanSummary {
     /// Dispatches of the forward pass (including the loss).
@@ -327,7 +327,7 @@ fn assign_storage(graph: &Graph, kernels: &[Kernel]) -> (Vec<Storage>, Vec<u64>)
     for id in transient {
         let bytes = graph.tensors[id].bytes();
         let free = (0..pool_sizes.len()).filter(|&b| busy_until[b] < first[id]);
-        // Best fit: the smallest free buffer that holds the tensor, else the largest free one
+        // Best fit: the smallest free buffer that fits the tensor, else the largest free one
         // (grown to fit), else a new buffer.
         let fitting = free.clone().filter(|&b| pool_sizes[b] >= bytes).min_by_key(|&b| pool_sizes[b]);
         let chosen = fitting.or_else(|| free.max_by_key(|&b| pool_sizes[b]));

@@ -5,7 +5,7 @@ use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::WeightLayout;
 use crate::model::config::Gpt2Config;
 
-/// Which parameters a run trains; everything else is frozen and gets no gradient kernel.
+/// Set of parameters a run trains. Everything else is frozen and gets no gradient kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Trainable {
     /// Nothing: forward passes only (evaluation, prediction, generation).
@@ -100,7 +100,7 @@ impl Builder<'_> {
         id
     }
 
-    /// A (rows, cols) parameter stored as row chunks that each fit in `max_binding` bytes.
+    /// Adds a (rows, cols) parameter stored as row chunks that each fit in `max_binding` bytes.
     fn chunked_param(&mut self, name: &str, rows: usize, cols: usize, part: Part, max_binding: u64) -> Vec<RowChunk> {
         let row_bytes = (cols * 4) as u64;
         let rows_per_chunk = ((max_binding / row_bytes) as usize).clamp(1, rows);

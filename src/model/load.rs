@@ -45,7 +45,7 @@ pub enum ModelError {
     },
 }
 
-/// The directory of bundled assets: `$SHADERTUNE_ASSETS`, else `assets/` of the source tree the
+/// Returns the directory of bundled assets: `$SHADERTUNE_ASSETS`, else `assets/` of the source tree the
 /// binary was built from.
 pub fn assets_dir() -> PathBuf {
     match std::env::var_os("SHADERTUNE_ASSETS") {
@@ -54,7 +54,7 @@ pub fn assets_dir() -> PathBuf {
     }
 }
 
-/// The model `train` uses when no `--model` is given.
+/// Returns the model directory that `train` uses when no `--model` is given.
 pub fn default_model_dir() -> PathBuf {
     assets_dir().join("models").join("gpt2-tiny-random")
 }

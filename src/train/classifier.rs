@@ -97,7 +97,7 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// The defaults for a model and data set.
+    /// Creates the default settings for a model and data set.
     pub fn new(model_dir: PathBuf, data: PathBuf, out_dir: PathBuf) -> Self {
         TrainConfig {
             model_dir,
@@ -142,7 +142,7 @@ pub struct DatasetSummary {
     pub truncated: usize,
 }
 
-/// How the run was made, for `metrics.json`.
+/// Run details for `metrics.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct RunSummary {
     /// Model directory.
@@ -218,7 +218,7 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), TrainError> {
     write_atomic(path, text.as_bytes()).map_err(|e| TrainError::Write { path: path.to_path_buf(), message: e.to_string() })
 }
 
-/// Fine-tunes a classifier as `config` says and writes the model and report card to its output
+/// Fine-tunes a classifier with the settings in `config` and writes the model and report card to its output
 /// directory. Returns the report.
 pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, TrainError> {
     let started = Instant::now();

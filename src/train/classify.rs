@@ -16,7 +16,7 @@ use std::path::Path;
 pub struct Prediction {
     /// The input text.
     pub text: String,
-    /// The most probable label.
+    /// The label with the maximum probability.
     pub label: String,
     /// Probability of every label.
     pub probabilities: BTreeMap<String, f32>,
