@@ -12,6 +12,10 @@
 //   param = param - lr / bias_correction1 * m / (sqrt(v) / sqrt(bias_correction2) + eps)
 //   grad  = 0   (the optimizer zeroes the gradients it applied; every gradient kernel accumulates)
 //
+// With max_norm > 0 (the norm is computed) and a norm that is NaN or infinite, the step is
+// skipped: param, m and v keep their values and only grad is zeroed, so one bad batch cannot
+// poison the weights and the host can stop, or go on, from the last good state.
+//
 // param, m and v are updated in place. Each invocation handles one vec4 (four consecutive
 // floats), because vec4 storage access moves several times more bytes per second than scalar
 // access on CPU drivers; work is spread over a 2-D grid of workgroups. In the last vec4 of a
@@ -62,8 +66,16 @@ fn adamw_update(@builtin(global_invocation_id) gid: vec3<u32>,
     if (first >= params.len) {
         return;
     }
+    // Lanes at or past `len` belong to the padding of the last vec4 and keep their values.
+    let live = vec4<u32>(first, first + 1u, first + 2u, first + 3u) < vec4<u32>(params.len);
     var clip = 1.0;
     if (step.max_norm > 0.0) {
+        // An all-ones exponent marks NaN and infinity; compare bits so that no compiler
+        // assumption about NaN comparisons can change the outcome.
+        if ((bitcast<u32>(norm[0]) & 0x7f800000u) == 0x7f800000u) {
+            grad[i] = select(grad[i], vec4<f32>(0.0), live);
+            return;
+        }
         clip = min(1.0, step.max_norm / (norm[0] * step.grad_scale + CLIP_EPSILON));
     }
     let scale = step.grad_scale * clip;
@@ -75,8 +87,6 @@ fn adamw_update(@builtin(global_invocation_id) gid: vec3<u32>,
     let v_new = step.beta2 * v[i] + (1.0 - step.beta2) * g * g;
     let denominator = sqrt(v_new) / bias_correction2_sqrt + step.eps;
     let param_new = param[i] * decay - step_size * m_new / denominator;
-    // Lanes at or past `len` belong to the padding of the last vec4 and keep their values.
-    let live = vec4<u32>(first, first + 1u, first + 2u, first + 3u) < vec4<u32>(params.len);
     param[i] = select(param[i], param_new, live);
     m[i] = select(m[i], m_new, live);
     v[i] = select(v[i], v_new, live);

@@ -404,7 +404,7 @@ pub fn bench_step(
     use crate::model::weights::{init_random, HeadKind};
 
     let head_kind = match head {
-        Head::LanguageModel => HeadKind::LanguageModel,
+        Head::LanguageModel | Head::LanguageModelLoss => HeadKind::LanguageModel,
         Head::Classifier { num_labels } => HeadKind::Classifier { num_labels },
     };
     let weights = init_random(config, head_kind, 0)
@@ -420,7 +420,7 @@ pub fn bench_step(
     let lengths = vec![t as u32; b];
     let targets: Vec<i32> = match head {
         Head::Classifier { num_labels } => (0..b).map(|_| rng.random_range(0..num_labels as i32)).collect(),
-        Head::LanguageModel => (0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect(),
+        Head::LanguageModel | Head::LanguageModelLoss => (0..b * t).map(|_| rng.random_range(0..vocab as i32)).collect(),
     };
     session.set_inputs(&StepInputs { ids: &ids, lengths: &lengths, targets: &targets });
     // A learning rate of zero keeps the random weights, and so the work per step, unchanged.

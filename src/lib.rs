@@ -11,5 +11,6 @@ pub mod bench;
 pub mod data;
 pub mod graph;
 pub mod fsutil;
+pub mod generate;
 pub mod model;
 pub mod train;

@@ -1,25 +1,10 @@
 //! The command-line tool end to end on lavapipe: devices, plan, and a tiny train / predict /
 //! eval run of the main job.
 
+mod common;
+
+use common::{have_adapter, shadertune, tiny_model, sms_sample};
 use assert_cmd::Command;
-use std::path::{Path, PathBuf};
-
-/// True when a GPU adapter exists, else prints why the test is skipped. With `REQUIRE_GPU=1`, a
-/// missing adapter fails the test instead.
-fn have_adapter() -> bool {
-    let found = !shadertune::gpu::list_adapters(shadertune::gpu::BackendChoice::Auto).is_empty();
-    if !found {
-        assert!(std::env::var("REQUIRE_GPU").as_deref() != Ok("1"), "REQUIRE_GPU=1 but no GPU adapter was found");
-        eprintln!("skipping: no GPU adapter found");
-    }
-    found
-}
-
-fn shadertune() -> Command {
-    let mut cmd = Command::cargo_bin("shadertune").expect("binary builds");
-    cmd.env("RUST_LOG", "warn");
-    cmd
-}
 
 fn json_output(cmd: &mut Command) -> serde_json::Value {
     let out = cmd.output().expect("command runs");
@@ -65,26 +50,6 @@ fn plan_rejects_bad_trainable_set() {
     let out = shadertune().args(["plan", "--config", "small", "--train", "last-blocks:0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("last-blocks:N"));
-}
-
-/// Writes a GPT-2-shaped config small enough to train in seconds on lavapipe.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let model = dir.join("tiny-model");
-    std::fs::create_dir_all(&model).unwrap();
-    let config = r#"{"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-        "vocab_size": 50257, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
-    std::fs::write(model.join("config.json"), config).unwrap();
-    model
-}
-
-/// Writes the first `rows` lines of the bundled SMS Spam Collection to a file.
-fn sms_sample(dir: &Path, rows: usize) -> PathBuf {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data/sms_spam/SMSSpamCollection");
-    let text = std::fs::read_to_string(source).unwrap();
-    let sample: Vec<&str> = text.lines().take(rows).collect();
-    let path = dir.join("sms.tsv");
-    std::fs::write(&path, sample.join("\n")).unwrap();
-    path
 }
 
 #[test]
@@ -177,4 +142,36 @@ fn train_reports_missing_data_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("missing.tsv"), "error does not name the file: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn train_rejects_a_plan_over_the_binding_limit_before_training() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("many-heads");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = r#"{"model_type": "gpt2", "n_layer": 1, "n_head": 16, "n_embd": 32, "n_positions": 1024,
+        "vocab_size": 50257, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
+    std::fs::write(model.join("config.json"), config).unwrap();
+    let data = sms_sample(dir.path(), 400);
+    // Attention probabilities of 256 sequences x 16 heads x T x T floats exceed any storage
+    // binding limit once T reaches the longest SMS (over 100 tokens): 256 * 16 * 100^2 * 4 bytes = 164 MB.
+    let out = shadertune()
+        .args(["train", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(dir.path().join("run"))
+        .args(["--balance", "none", "--batch-size", "256", "--max-length", "1024"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an oversized plan must fail");
+    assert!(stderr.contains("attn.probs") && stderr.contains("storage binding limit"), "{stderr}");
+    assert!(stderr.contains("reduce --batch-size or --max-length"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!dir.path().join("run/history.jsonl").exists(), "training started before the plan was checked");
 }

@@ -287,3 +287,22 @@ fn released_124m_config_parses() {
     // Parameter count of the released checkpoint, 124,439,808.
     assert_eq!(config.num_params(), 124_439_808);
 }
+
+/// The bundled default model is a pretrained language model stored in f16: it loads as one and
+/// as the body of a classifier, and its weights are not the random initialisation.
+#[test]
+fn bundled_model_is_pretrained() {
+    let dir = shadertune::model::load::default_model_dir();
+    let lm = shadertune::model::load::open_language_model(&dir, 0).expect("the bundled model loads");
+    assert!(!lm.random_init, "{} has no weights", dir.display());
+    let random = shadertune::model::weights::init_random(&lm.config, HeadKind::LanguageModel, 0).unwrap();
+    let wte = &lm.weights.tensors["wte.weight"];
+    assert_eq!(wte.shape, vec![50257, 128]);
+    assert!(wte.data.iter().all(|x| x.is_finite()));
+    assert_ne!(wte.data, random.tensors["wte.weight"].data);
+    let classifier = shadertune::model::load::open_classifier(&dir, 2, 0).expect("the bundled model opens as a classifier");
+    assert!(!classifier.random_init && classifier.new_head);
+    let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap()).unwrap();
+    let losses: Vec<f64> = pretrain["history"].as_array().unwrap().iter().map(|r| r["val_loss"].as_f64().unwrap()).collect();
+    assert!(losses.windows(2).all(|w| w[1] < w[0]), "validation loss did not fall monotonically: {losses:?}");
+}

@@ -101,7 +101,7 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
         anyhow::bail!("--batch-size must be at least 1");
     }
     let gpu = args.device.open()?;
-    let head = if args.lm { Head::LanguageModel } else { Head::Classifier { num_labels: 2 } };
+    let head = if args.lm { Head::LanguageModelLoss } else { Head::Classifier { num_labels: 2 } };
     let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
     let t = shadertune::bench::bench_step(&gpu, &config, head, shape, args.train, args.warmup, args.repeats.max(1))?;
     if args.json {

@@ -2,8 +2,10 @@
 
 mod bench;
 mod devices;
+mod generate;
 mod plan;
 mod predict;
+mod pretrain;
 mod train;
 
 use clap::{Args, Parser, Subcommand};
@@ -16,11 +18,11 @@ use std::process::ExitCode;
 #[command(name = "shadertune", version, about, long_about = None)]
 pub(crate) struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub(crate) enum Command {
     /// List every GPU adapter with its backend, driver, limits and features.
     Devices(devices::DevicesArgs),
     /// Print the execution plan of a model: dispatches, FLOPs, parameters and peak memory.
@@ -31,6 +33,10 @@ enum Command {
     Eval(predict::EvalArgs),
     /// Classify texts with a trained classifier.
     Predict(predict::PredictArgs),
+    /// Pretrain a GPT on plain text (next-token prediction) and write a Hugging Face model.
+    Pretrain(pretrain::PretrainArgs),
+    /// Continue a prompt with a language model, streaming the generated text.
+    Generate(generate::GenerateArgs),
     /// Benchmark kernels.
     Bench(bench::BenchArgs),
 }
@@ -72,6 +78,8 @@ pub(crate) fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => predict::run_eval(&args),
         Command::Predict(args) => predict::run_predict(&args),
+        Command::Pretrain(args) => pretrain::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),
     };
     match result {

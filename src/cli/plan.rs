@@ -72,7 +72,7 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
             DEFAULT_MAX_BINDING
         }
     };
-    let head = if args.lm { Head::LanguageModel } else { Head::Classifier { num_labels: args.num_labels } };
+    let head = if args.lm { Head::LanguageModelLoss } else { Head::Classifier { num_labels: args.num_labels } };
     let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
     let s = plan_summary(&config, head, shape, args.train, args.clip, max_binding);
     if args.json {

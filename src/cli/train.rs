@@ -4,7 +4,8 @@ use clap::Args;
 use shadertune::data::{Balance, ColumnSpec, DataFormat, ReadOptions};
 use shadertune::model::gpt2::Trainable;
 use shadertune::model::load::{assets_dir, default_model_dir};
-use shadertune::train::classifier::{train_classifier, Report, TrainConfig};
+use shadertune::train::checkpoint;
+use shadertune::train::classifier::{train_classifier, OnNan, Report, TrainConfig};
 use shadertune::train::report::{format_confusion_table, format_per_label};
 use shadertune::train::schedule::Schedule;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,16 @@ pub(crate) struct TrainArgs {
     /// Output directory. Default: runs/<timestamp>.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Optimizer steps between checkpoints in OUT/checkpoint/ (0: only at the end). Ctrl-C
+    /// also writes one.
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue the interrupted run whose --out directory is DIR, with its original command line.
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
+    resume: Option<PathBuf>,
+    /// On a NaN or infinite loss: stop (with a checkpoint of the last good state) or skip the batch.
+    #[arg(long, default_value = "stop")]
+    on_nan: OnNan,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -155,6 +166,41 @@ fn timestamp_dir() -> PathBuf {
 }
 
 pub(crate) fn run(args: &TrainArgs) -> anyhow::Result<()> {
+    if let Some(run_dir) = &args.resume {
+        return resume(run_dir);
+    }
+    run_with(args, std::env::args().collect(), false)
+}
+
+/// Repeats the stored command line of the run in `run_dir`, continuing from its checkpoint.
+fn resume(run_dir: &Path) -> anyhow::Result<()> {
+    let dir = checkpoint::find(run_dir)?;
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)?;
+    let state: checkpoint::TrainState =
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not a train state: {e}", state_path.display()))?;
+    if state.kind != "train" {
+        anyhow::bail!("{}: written by `shadertune {}`; resume it with that command", state_path.display(), state.kind);
+    }
+    let command: Vec<String> = serde_json::from_value(state.settings["command"].clone())
+        .map_err(|e| anyhow::anyhow!("{}: the stored command line is unreadable: {e}", state_path.display()))?;
+    let cli = <super::Cli as clap::Parser>::try_parse_from(&command)
+        .map_err(|e| anyhow::anyhow!("{}: the stored command line no longer parses: {e}", state_path.display()))?;
+    let super::Command::Train(mut args) = cli.command else {
+        anyhow::bail!("{}: the stored command line is not a train command", state_path.display());
+    };
+    // Relative paths in the stored command line are relative to the directory it ran in.
+    let run_dir = std::path::absolute(run_dir)?;
+    if let Some(dir) = state.settings["working_dir"].as_str() {
+        std::env::set_current_dir(dir)
+            .map_err(|e| anyhow::anyhow!("cannot enter {dir}, the directory the run started in: {e}"))?;
+    }
+    args.out = Some(run_dir.clone());
+    eprintln!("resuming {} at step {}: {}", run_dir.display(), state.step, command.join(" "));
+    run_with(&args, command, true)
+}
+
+fn run_with(args: &TrainArgs, command: Vec<String>, resume: bool) -> anyhow::Result<()> {
     let model_dir = resolve_model(args.model.as_deref())?;
     let data = args.data.clone().unwrap_or_else(|| assets_dir().join("data").join("sms_spam").join("SMSSpamCollection"));
     let out = args.out.clone().unwrap_or_else(timestamp_dir);
@@ -189,7 +235,27 @@ pub(crate) fn run(args: &TrainArgs) -> anyhow::Result<()> {
     config.clip_grad_norm = args.clip_grad_norm;
     config.eval_every = args.eval_every;
     config.eval_batches = args.eval_batches;
+    config.save_every = args.save_every;
+    config.on_nan = args.on_nan;
+    config.resume = resume;
+    // The stored command line names the output directory, so that a resume writes to the same place.
+    let mut command = command;
+    if args.out.is_none() {
+        command.extend(["--out".to_string(), out.display().to_string()]);
+    }
+    config.command = command;
+    config.working_dir = std::env::current_dir().ok();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        if let Err(e) = ctrlc::set_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst)) {
+            log::warn!("Ctrl-C will not stop at a step boundary: {e}");
+        }
+    }
+    config.stop = Some(stop);
 
+    // An output directory that cannot be written fails now, not after the training.
+    shadertune::train::classifier::check_output_dir(&out)?;
     let gpu = args.device.open()?;
     log::info!(
         "training {} on {} (train {}, lr {}, {} epochs, batch {})",

@@ -167,9 +167,9 @@ const DOCUMENTATION_PREFIXES: [&str; 5] = ["readme", "license", "licence", "copy
 /// empty label, invalid UTF-8 or a column not in the file. Fewer than two distinct labels in the
 /// whole input are also an error.
 pub fn read_labelled(path: &Path, options: &ReadOptions) -> Result<Dataset, DataError> {
-    let metadata = std::fs::metadata(path).map_err(|source| DataError::Read {
+    let metadata = std::fs::metadata(path).map_err(|error| DataError::Read {
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
     let files = if metadata.is_dir() {
         list_data_files(path, options.format.is_some())?
@@ -186,9 +186,9 @@ pub fn read_labelled(path: &Path, options: &ReadOptions) -> Result<Dataset, Data
                 extension,
             })?,
         };
-        let bytes = std::fs::read(file).map_err(|source| DataError::Read {
+        let bytes = std::fs::read(file).map_err(|error| DataError::Read {
             path: file.clone(),
-            source,
+            error,
         })?;
         let file_path: Arc<Path> = Arc::from(file.as_path());
         let mut read = formats::parse(format, &file_path, &bytes, options)?;
@@ -200,9 +200,9 @@ pub fn read_labelled(path: &Path, options: &ReadOptions) -> Result<Dataset, Data
 /// Lists the data files of a directory, sorted by file name. See [`read_labelled`] for which
 /// files count as data.
 pub fn list_data_files(dir: &Path, any_extension: bool) -> Result<Vec<PathBuf>, DataError> {
-    let read_error = |source| DataError::Read {
+    let read_error = |error| DataError::Read {
         path: dir.to_path_buf(),
-        source,
+        error,
     };
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_error)? {

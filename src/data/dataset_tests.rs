@@ -499,6 +499,23 @@ fn unknown_column_lists_columns() {
 }
 
 #[test]
+fn tsv_maximum_index_is_unknown_column() {
+    // The field count needed for index usize::MAX overflows, so the reader must reject the
+    // index before computing it.
+    let options = ReadOptions {
+        text_column: Some(ColumnSpec::Index(usize::MAX)),
+        label_column: Some(ColumnSpec::Index(0)),
+        ..ReadOptions::default()
+    };
+    read_error(
+        "huge.tsv",
+        b"ham\thello\nspam\twin\n",
+        &options,
+        &["line 1", &format!("text column index {}", usize::MAX), "indices 0 to 1"],
+    );
+}
+
+#[test]
 fn fewer_than_two_labels_fails() {
     let contents = b"ham\tfirst message text\nham\tsecond message text\n";
     read_error(

@@ -9,21 +9,22 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum DataError {
     /// A file or directory could not be read.
-    #[error("failed to read {}: {source}", .path.display())]
+    #[error("failed to read {}: {error}", .path.display())]
     Read {
         /// File or directory that failed.
         path: PathBuf,
-        /// Underlying I/O error.
-        source: std::io::Error,
+        /// Underlying I/O error. The message includes it, so it is not also reported as the
+        /// error's source, which would print it twice in an error chain.
+        error: std::io::Error,
     },
 
     /// A file could not be written.
-    #[error("failed to write {}: {source}", .path.display())]
+    #[error("failed to write {}: {error}", .path.display())]
     Write {
         /// File that failed.
         path: PathBuf,
-        /// Underlying I/O error.
-        source: std::io::Error,
+        /// Underlying I/O error, included in the message and not reported as the source.
+        error: std::io::Error,
     },
 
     /// The file has no bytes, or only blank lines and a byte-order mark.

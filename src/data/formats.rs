@@ -179,7 +179,22 @@ fn parse_tsv(
     }
 
     let (text_index, label_index) = tsv_columns(path, header.as_ref(), &rows, options)?;
-    let needed = text_index.max(label_index) + 1;
+    let (role, last_index) = if text_index >= label_index {
+        ("text", text_index)
+    } else {
+        ("label", label_index)
+    };
+    // An index of usize::MAX, which no line can reach, would overflow the field count.
+    let Some(needed) = last_index.checked_add(1) else {
+        let (line, fields) = &rows[0];
+        return Err(DataError::UnknownColumn {
+            path: path.to_path_buf(),
+            line: *line,
+            role,
+            column: format!("index {last_index}"),
+            found: format!("indices 0 to {}", fields.len() - 1),
+        });
+    };
     let mut examples = Vec::with_capacity(rows.len());
     for (line, fields) in rows {
         if fields.len() < needed {

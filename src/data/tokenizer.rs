@@ -71,9 +71,9 @@ impl Gpt2Tokenizer {
     /// Loads a Hugging Face `tokenizer.json`, including the older files whose model has no
     /// `"type"` key.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self, DataError> {
-        let bytes = std::fs::read(path).map_err(|source| DataError::Read {
+        let bytes = std::fs::read(path).map_err(|error| DataError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
             path: path.to_path_buf(),
@@ -211,7 +211,7 @@ impl Gpt2Tokenizer {
         ] {
             let path = dir.join(name);
             write_atomic(&path, text.as_bytes())
-                .map_err(|source| DataError::Write { path, source })?;
+                .map_err(|error| DataError::Write { path, error })?;
         }
         Ok(())
     }

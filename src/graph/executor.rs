@@ -3,6 +3,8 @@
 use super::ir::{chunk_shape, Op, TensorId};
 use super::plan::{Kernel, Plan, PlanOptions, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
+use crate::kernels::lmloss::{self, VocabChunk};
+use crate::kernels::matmul::{MatmulShape, WeightLayout};
 use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
 use std::collections::HashMap;
@@ -20,12 +22,27 @@ pub struct OptimizerSettings {
     pub weight_decay: f32,
     /// Clip gradients to this global L2 norm; `None` disables clipping.
     pub clip_grad_norm: Option<f32>,
+    /// Compute the global gradient norm even without clipping, and skip any update whose norm
+    /// is NaN or infinite (the weights and moments keep their last good values).
+    pub skip_nonfinite: bool,
 }
 
 impl Default for OptimizerSettings {
     fn default() -> Self {
         // torch.optim.AdamW defaults, with the fine-tuning weight decay of 0.1.
-        OptimizerSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, clip_grad_norm: None }
+        OptimizerSettings { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1, clip_grad_norm: None, skip_nonfinite: true }
+    }
+}
+
+impl OptimizerSettings {
+    /// The clipping threshold the AdamW kernel reads: the clip norm, or without clipping the
+    /// largest f32 (which never clips) when non-finite updates are skipped, else 0 (no norm).
+    fn max_norm(&self) -> f32 {
+        match (self.clip_grad_norm, self.skip_nonfinite) {
+            (Some(n), _) => n,
+            (None, true) => f32::MAX,
+            (None, false) => 0.0,
+        }
     }
 }
 
@@ -74,7 +91,7 @@ impl<'g> Session<'g> {
         train: bool,
         settings: OptimizerSettings,
     ) -> Result<Session<'g>, GpuError> {
-        let plan = Plan::new(graph, PlanOptions { train, clip: settings.clip_grad_norm.is_some() });
+        let plan = Plan::new(graph, PlanOptions { train, clip: settings.clip_grad_norm.is_some() || settings.skip_nonfinite });
         check_limits(gpu, &plan)?;
         let summary = plan.summary();
         log::info!(
@@ -174,6 +191,55 @@ impl<'g> Session<'g> {
             .collect()
     }
 
+    /// Chunks of model weight `name` that have a `{chunk}{suffix}` buffer, with that buffer's id
+    /// and the chunk's first element in the whole weight.
+    fn state_chunks(&self, name: &str, suffix: &str) -> Vec<(TensorId, usize)> {
+        let mut chunks = Vec::new();
+        for source in self.plan.graph.params.iter().filter(|p| p.name == name) {
+            let tensor = &self.plan.graph.tensors[source.tensor];
+            let row_len: usize = tensor.shape[1..].iter().product::<usize>().max(1);
+            let Some(&id) = self.by_name.get(&format!("{}{suffix}", tensor.name)) else { continue };
+            if self.plan.storage[id] == Storage::Dedicated {
+                chunks.push((id, source.row_offset * row_len));
+            }
+        }
+        chunks
+    }
+
+    /// Reads the state `suffix` of model weight `name`, joining its row chunks: `.grad` for its
+    /// gradient, `.adam_m` and `.adam_v` for its AdamW moments. `None` when the plan has no such
+    /// buffer (a frozen weight, or a forward-only session).
+    pub fn read_param_state(&self, name: &str, suffix: &str, numel: usize) -> Result<Option<Vec<f32>>, GpuError> {
+        let chunks = self.state_chunks(name, suffix);
+        if chunks.is_empty() {
+            return Ok(None);
+        }
+        let mut whole = vec![0.0f32; numel];
+        for (id, start) in chunks {
+            let len = self.plan.graph.tensors[id].len();
+            let values: Vec<f32> = self.gpu.read(&self.dedicated[&id], 0, len)?;
+            whole[start..start + len].copy_from_slice(&values);
+        }
+        Ok(Some(whole))
+    }
+
+    /// Writes the state `suffix` of model weight `name` (see [`Session::read_param_state`]) from
+    /// `whole`, split into its row chunks. Returns false when the plan has no such buffer.
+    pub fn write_param_state(&self, name: &str, suffix: &str, whole: &[f32]) -> bool {
+        let chunks = self.state_chunks(name, suffix);
+        for &(id, start) in &chunks {
+            let len = self.plan.graph.tensors[id].len();
+            self.gpu.write(&self.dedicated[&id], 0, &whole[start..start + len]);
+        }
+        !chunks.is_empty()
+    }
+
+    /// Sets the count of optimizer steps taken, which AdamW's bias correction uses; a resumed
+    /// run restores it from its checkpoint.
+    pub fn set_optimizer_steps(&mut self, steps: u64) {
+        self.optimizer_steps = steps;
+    }
+
     /// Reads a tensor by name (an output, a parameter or a parameter gradient).
     pub fn read_tensor(&self, name: &str) -> Result<Option<Vec<f32>>, GpuError> {
         let Some(&id) = self.by_name.get(name) else { return Ok(None) };
@@ -226,7 +292,7 @@ impl<'g> Session<'g> {
                 eps: s.eps,
                 bias_correction1: 1.0 - s.beta1.powi(t),
                 bias_correction2: 1.0 - s.beta2.powi(t),
-                max_norm: s.clip_grad_norm.unwrap_or(0.0),
+                max_norm: s.max_norm(),
                 grad_scale,
             };
             self.gpu.write(&self.step_buffer, 0, &[step]);
@@ -264,7 +330,7 @@ impl<'g> Session<'g> {
                 eps: self.settings.eps,
                 bias_correction1: 1.0,
                 bias_correction2: 1.0,
-                max_norm: self.settings.clip_grad_norm.unwrap_or(0.0),
+                max_norm: self.settings.max_norm(),
                 grad_scale: 1.0,
             };
             self.gpu.write(&self.step_buffer, 0, &[step]);
@@ -319,8 +385,11 @@ impl<'g> Session<'g> {
     }
 
     /// Reads the logits of the last submitted step (waits for it).
+    ///
+    /// # Panics
+    /// On a graph with the chunked language-model loss, which never holds whole logits.
     pub fn read_logits(&self) -> Result<Vec<f32>, GpuError> {
-        Ok(self.read_tensor("logits")?.expect("every graph has a logits output"))
+        Ok(self.read_tensor("logits")?.expect("only graphs with a logits output are read for logits"))
     }
 
     fn build_dispatches(&mut self) -> Result<(), GpuError> {
@@ -413,7 +482,31 @@ impl<'g> Session<'g> {
                     out.push(crossentropy::forward(gpu, "cross-entropy", *rows, *classes, b(*logits), b(*targets), b(*losses))?);
                     out.push(crossentropy::mean(gpu, "cross-entropy mean", *rows, b(*losses), b(*targets), b(*loss))?);
                 }
+                Op::LmLoss { rows, channels, vocab, inp, wte, targets, logits, stats, losses, loss } => {
+                    for chunk in wte {
+                        let shape = MatmulShape::new(*rows, *channels, chunk.rows, WeightLayout::OutIn);
+                        let name = self.name(chunk.tensor);
+                        out.push(matmul::forward(gpu, &format!("lm logits {name}"), shape, b(*inp), b(chunk.tensor), None, b(*logits))?);
+                        let c = VocabChunk { rows: *rows, cols: chunk.rows, col_offset: chunk.row_offset, vocab: *vocab };
+                        out.push(lmloss::chunk_forward(gpu, &format!("lm loss {name}"), c, b(*logits), b(*targets), b(*stats), b(*losses))?);
+                    }
+                    out.push(crossentropy::mean(gpu, "lm loss mean", *rows, b(*losses), b(*targets), b(*loss))?);
+                }
             },
+            Kernel::LmLossChunkGrad { shape, chunk, inp, weight, targets, stats, losses, loss, dlogits } => {
+                let name = self.name(*weight);
+                out.push(matmul::forward(gpu, &format!("lm logits again {name}"), *shape, b(*inp), b(*weight), None, b(*dlogits))?);
+                out.push(lmloss::chunk_backward(
+                    gpu,
+                    &format!("lm loss grad {name}"),
+                    *chunk,
+                    b(*dlogits),
+                    b(*targets),
+                    b(*stats),
+                    b(*losses),
+                    b(*loss),
+                )?);
+            }
             Kernel::XentBackward { rows, classes, logits, targets, loss, dlogits } => {
                 out.push(crossentropy::backward(gpu, "cross-entropy backward", *rows, *classes, b(*logits), b(*targets), b(*loss), b(*dlogits))?);
             }

@@ -114,6 +114,21 @@ pub(crate) enum Op {
     /// losses (N) = cross-entropy of logits (N,V) against targets (N, negative = ignored);
     /// loss (2) = [mean over counted rows, counted rows].
     CrossEntropy { rows: usize, classes: usize, logits: TensorId, targets: TensorId, losses: TensorId, loss: TensorId },
+    /// Next-token loss of logits = inp (N,C) @ wte^T without ever holding (N,V) logits: for each
+    /// row chunk of wte, its logits go to `logits` (N, largest chunk) and are folded into
+    /// `stats` (N,3); the last chunk writes losses (N); loss (2) = [mean, counted rows].
+    LmLoss {
+        rows: usize,
+        channels: usize,
+        vocab: usize,
+        inp: TensorId,
+        wte: Vec<RowChunk>,
+        targets: TensorId,
+        logits: TensorId,
+        stats: TensorId,
+        losses: TensorId,
+        loss: TensorId,
+    },
 }
 
 impl Op {
@@ -137,6 +152,11 @@ impl Op {
             Op::Attention { qkv, .. } => vec![*qkv],
             Op::PoolLast { hidden, lengths, .. } => vec![*hidden, *lengths],
             Op::CrossEntropy { logits, targets, .. } => vec![*logits, *targets],
+            Op::LmLoss { inp, wte, targets, .. } => {
+                let mut v = vec![*inp, *targets];
+                v.extend(wte.iter().map(|c| c.tensor));
+                v
+            }
         }
     }
 
@@ -151,6 +171,7 @@ impl Op {
             Op::Attention { att, out, .. } => vec![*att, *out],
             Op::PoolLast { pooled, .. } => vec![*pooled],
             Op::CrossEntropy { losses, loss, .. } => vec![*losses, *loss],
+            Op::LmLoss { logits, stats, losses, loss, .. } => vec![*logits, *stats, *losses, *loss],
         }
     }
 }

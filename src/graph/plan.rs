@@ -3,6 +3,7 @@
 use super::autodiff::{self, Backward};
 use super::ir::{DType, Graph, Op, TensorId, TensorKind};
 use crate::kernels::attention::AttentionShape;
+use crate::kernels::lmloss::VocabChunk;
 use crate::kernels::matmul::MatmulShape;
 
 /// One kernel of a step, with every tensor it binds.
@@ -10,6 +11,19 @@ use crate::kernels::matmul::MatmulShape;
 pub(crate) enum Kernel {
     Forward(Op),
     XentBackward { rows: usize, classes: usize, logits: TensorId, targets: TensorId, loss: TensorId, dlogits: TensorId },
+    /// Recomputes one vocabulary chunk of LM logits into `dlogits` and overwrites it with its
+    /// gradient (two dispatches).
+    LmLossChunkGrad {
+        shape: MatmulShape,
+        chunk: VocabChunk,
+        inp: TensorId,
+        weight: TensorId,
+        targets: TensorId,
+        stats: TensorId,
+        losses: TensorId,
+        loss: TensorId,
+        dlogits: TensorId,
+    },
     PoolBackward { batch: usize, seq_len: usize, channels: usize, dpooled: TensorId, lengths: TensorId, dhidden: TensorId, accumulate: bool },
     MatmulInput { shape: MatmulShape, dout: TensorId, weight: TensorId, dinp: TensorId, accumulate: bool },
     MatmulWeight { shape: MatmulShape, inp: TensorId, dout: TensorId, dweight: TensorId },
@@ -66,6 +80,9 @@ impl Kernel {
                 v
             }
             XentBackward { logits, targets, loss, dlogits, .. } => vec![*logits, *targets, *loss, *dlogits],
+            LmLossChunkGrad { inp, weight, targets, stats, losses, loss, dlogits, .. } => {
+                vec![*inp, *weight, *targets, *stats, *losses, *loss, *dlogits]
+            }
             PoolBackward { dpooled, lengths, dhidden, .. } => vec![*dpooled, *lengths, *dhidden],
             MatmulInput { dout, weight, dinp, .. } => vec![*dout, *weight, *dinp],
             MatmulWeight { inp, dout, dweight, .. } => vec![*inp, *dout, *dweight],
@@ -108,8 +125,10 @@ impl Kernel {
                 Op::Attention { shape, .. } => attention(shape) + 5 * (shape.batch * shape.num_heads * shape.seq_len * shape.seq_len) as u64 / 2,
                 Op::PoolLast { .. } => 0,
                 Op::CrossEntropy { rows, classes, .. } => 4 * (rows * classes) as u64,
+                Op::LmLoss { rows, channels, vocab, .. } => 2 * (rows * channels * vocab) as u64 + 4 * (rows * vocab) as u64,
             },
             XentBackward { rows, classes, .. } => 3 * (rows * classes) as u64,
+            LmLossChunkGrad { shape, .. } => matmul(shape) + 3 * (shape.rows * shape.cols) as u64,
             PoolBackward { .. } => 0,
             MatmulInput { shape, .. } | MatmulWeight { shape, .. } => matmul(shape),
             MatmulBias { shape, .. } => (shape.rows * shape.cols) as u64,
@@ -292,6 +311,9 @@ pub(crate) fn dispatch_count(kernel: &Kernel) -> usize {
         // probability gradient, the softmax backward and the query and key/value gradients.
         Kernel::Forward(Op::Attention { .. }) => 3,
         Kernel::Forward(Op::CrossEntropy { .. }) => 2,
+        // A matmul and a fold per chunk, then the mean.
+        Kernel::Forward(Op::LmLoss { wte, .. }) => 2 * wte.len() + 1,
+        Kernel::LmLossChunkGrad { .. } => 2,
         Kernel::AttentionBackward { .. } => 4,
         _ => 1,
     }

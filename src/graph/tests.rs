@@ -131,3 +131,39 @@ fn gpt2_small_trains_under_binding_limit() {
         assert!(grad.iter().any(|&g| g != 0.0), "{chunk} received no gradient");
     }
 }
+
+/// Pretraining GPT-2 small at its full context: the chunked loss keeps every tensor under the
+/// binding limit, holds at most two logits chunks instead of the (B*T, V) logits, and costs the
+/// four LM-head products (forward, recompute, input and weight gradients) of 2*B*T*C*V each.
+#[test]
+fn chunked_lm_loss_never_holds_whole_logits() {
+    let config = Gpt2Config::small();
+    // Batch 2: the attention probabilities of batch 8 at 1024 tokens (402 MB per layer) would
+    // exceed the limit on their own.
+    let shape = BatchShape { batch: 2, seq_len: 1024 };
+    let graph = build_graph(&config, Head::LanguageModelLoss, shape, Trainable::All, LAVAPIPE_BINDING);
+    let p = Plan::new(graph, PlanOptions { train: true, clip: true });
+    let rows = (2 * 1024) as u64;
+    let whole_logits = rows * config.vocab_size as u64 * 4;
+    let mut logits_bytes = 0;
+    for (id, t) in p.graph.tensors.iter().enumerate() {
+        if p.storage[id] == super::plan::Storage::Unused {
+            continue;
+        }
+        assert!(t.bytes() <= LAVAPIPE_BINDING, "`{}` is {} bytes, over the binding limit", t.name, t.bytes());
+        if t.name.starts_with("lm_logits") {
+            logits_bytes += t.bytes();
+        }
+    }
+    assert!(logits_bytes > 0, "the plan has no logits chunk");
+    assert!(logits_bytes * 6 < whole_logits, "logits chunks take {logits_bytes} bytes, whole logits {whole_logits}");
+    let head_products: u64 = p
+        .kernels
+        .iter()
+        .filter(|k| matches!(k, Kernel::LmLossChunkGrad { .. } | Kernel::Forward(super::ir::Op::LmLoss { .. })))
+        .map(Kernel::flops)
+        .sum();
+    let one_product = 2 * rows * config.n_embd as u64 * config.vocab_size as u64;
+    // Forward and recompute are counted here; the input and weight gradients are matmul kernels.
+    assert!(head_products >= 2 * one_product && head_products < 2 * one_product + one_product / 10, "head FLOPs {head_products}");
+}

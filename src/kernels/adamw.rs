@@ -204,6 +204,32 @@ mod tests {
     }
 
     #[test]
+    fn adamw_skips_a_step_with_a_non_finite_norm() {
+        let Some(gpu) = test_gpu() else { return };
+        let len = 9;
+        let initial = random_vec(len, 4);
+        let moment = random_vec(len, 5);
+        let param = gpu.upload("param", &initial).unwrap();
+        let grad = gpu.upload("grad", &vec![f32::NAN; len]).unwrap();
+        let m = gpu.upload("m", &moment).unwrap();
+        let v = gpu.upload("v", &moment.iter().map(|x| x * x).collect::<Vec<f32>>()).unwrap();
+        let step_buffer = gpu.upload("step", &[step_values(3, f32::MAX, 1.0)]).unwrap();
+        for bad_norm in [f32::NAN, f32::INFINITY] {
+            let norm = gpu.upload("norm", &[bad_norm]).unwrap();
+            let d = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), (&param).into(), (&grad).into(), (&m).into(), (&v).into())
+                .unwrap();
+            gpu.run("adamw test", &[d]).unwrap();
+            let got: Vec<f32> = gpu.read(&param, 0, len).unwrap();
+            assert_eq!(got, initial, "norm {bad_norm}: the parameters changed");
+            let got_m: Vec<f32> = gpu.read(&m, 0, len).unwrap();
+            assert_eq!(got_m, moment, "norm {bad_norm}: the first moment changed");
+            let zeroed: Vec<f32> = gpu.read(&grad, 0, len).unwrap();
+            assert!(zeroed.iter().all(|&x| x == 0.0), "norm {bad_norm}: grad was not zeroed: {zeroed:?}");
+            gpu.write(&grad, 0, &vec![f32::NAN; len]);
+        }
+    }
+
+    #[test]
     fn adamw_with_clipping_matches_reference() {
         // A gradient of norm about 30 against max_norm 1: clipping scales it by about 1/30.
         check_steps(2053, 1.0, 1.0, 1.0);

@@ -205,8 +205,6 @@ mod tests {
     const SHAPES: [(usize, usize); 8] = [(1, 768), (1, 7), (3, 4), (5, 13), (70, 36), (67, 3), (2, 1), (960, 768)];
 
     struct Case {
-        rows: usize,
-        channels: usize,
         inp: Vec<f32>,
         weight: Vec<f32>,
         bias: Vec<f32>,
@@ -221,7 +219,7 @@ mod tests {
         let dout = random_vec(rows * channels, seed + 3);
         let expected =
             reference::layernorm_forward(&to_f64(&inp), &to_f64(&weight), &to_f64(&bias), rows, channels, f64::from(EPS));
-        Case { rows, channels, inp, weight, bias, dout, expected }
+        Case { inp, weight, bias, dout, expected }
     }
 
     fn upload(gpu: &Gpu, label: &str, data: &[f32]) -> wgpu::Buffer {

@@ -12,9 +12,11 @@
 pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod crossentropy;
+pub(crate) mod decode;
 pub(crate) mod embedding;
 pub(crate) mod gelu;
 pub(crate) mod layernorm;
+pub(crate) mod lmloss;
 pub(crate) mod matmul;
 pub(crate) mod norm;
 pub(crate) mod pooling;
@@ -33,9 +35,11 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &attention::FAMILY,
     &embedding::FAMILY,
     &crossentropy::FAMILY,
+    &lmloss::FAMILY,
     &adamw::FAMILY,
     &norm::FAMILY,
     &pooling::FAMILY,
+    &decode::FAMILY,
 ];
 
 /// Every launcher's entry points with the total workgroup size it assumes.
@@ -48,9 +52,11 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     attention::ENTRIES,
     embedding::ENTRIES,
     crossentropy::ENTRIES,
+    lmloss::ENTRIES,
     adamw::ENTRIES,
     norm::ENTRIES,
     pooling::ENTRIES,
+    decode::ENTRIES,
 ];
 
 /// Work items per dispatch dimension for 1-D kernels spread over a 2-D grid.

@@ -41,20 +41,22 @@ const REQUIRED_FIELDS: [&str; 5] = ["n_layer", "n_head", "n_embd", "vocab_size",
 #[non_exhaustive]
 pub enum ConfigError {
     /// Reading or writing the config file failed.
-    #[error("could not access `{path}`: {source}")]
+    #[error("could not access `{path}`: {error}")]
     Io {
         /// File that was read or written.
         path: PathBuf,
-        /// Underlying I/O error.
-        source: std::io::Error,
+        /// Underlying I/O error. The message includes it, so it is not also reported as the
+        /// error's source, which would print it twice in an error chain.
+        error: std::io::Error,
     },
     /// The text is not JSON, or a field has the wrong JSON type.
-    #[error("invalid config JSON in {origin}: {source}")]
+    #[error("invalid config JSON in {origin}: {error}")]
     Parse {
         /// File path, or `JSON text` when parsed from a string.
         origin: String,
-        /// Underlying JSON error, with line and column.
-        source: serde_json::Error,
+        /// Underlying JSON error with line and column, included in the message and not
+        /// reported as the source.
+        error: serde_json::Error,
     },
     /// A required field is absent or null.
     #[error(
@@ -75,7 +77,7 @@ pub enum ConfigError {
         field: &'static str,
     },
     /// `n_embd` is not a multiple of `n_head`, so the heads cannot split the channels evenly.
-    #[error("n_embd = {n_embd} is not divisible by n_head = {n_head}; each attention head needs n_embd / n_head channels")]
+    #[error("n_embd = {n_embd} is not divisible by n_head = {n_head}, but each attention head needs n_embd / n_head channels; set n_head to a divisor of n_embd (GPT-2 small has n_embd 768 and n_head 12)")]
     HeadsDoNotDivide {
         /// Channels (C).
         n_embd: usize,
@@ -296,9 +298,9 @@ impl Gpt2Config {
 
     /// Reads and validates a `config.json`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text, &format!("`{}`", path.display()))
     }
@@ -309,9 +311,9 @@ impl Gpt2Config {
     }
 
     fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let parse_error = |source| ConfigError::Parse {
+        let parse_error = |error| ConfigError::Parse {
             origin: origin.to_string(),
-            source,
+            error,
         };
         let value: Value = serde_json::from_str(text).map_err(parse_error)?;
         // Check required fields before serde so that the error names the field and the file
@@ -562,7 +564,7 @@ impl Gpt2Config {
         let mut text = serde_json::to_string_pretty(self)
             .expect("a Gpt2Config has string keys and finite-or-null numbers, so it serializes");
         text.push('\n');
-        write_atomic(&path, text.as_bytes()).map_err(|source| ConfigError::Io { path, source })
+        write_atomic(&path, text.as_bytes()).map_err(|error| ConfigError::Io { path, error })
     }
 }
 

@@ -48,8 +48,12 @@ impl std::fmt::Display for Trainable {
 /// Output head of the graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Head {
-    /// Next-token logits over the vocabulary, tied to wte; loss over every position.
+    /// Next-token logits over the vocabulary, tied to wte; loss over every position. The graph
+    /// outputs the whole (B*T, V) logits, for evaluation and parity checks on small batches.
     LanguageModel,
+    /// The language-model loss alone, computed over vocabulary chunks so that (B*T, V) logits
+    /// never exist whole; for pretraining.
+    LanguageModelLoss,
     /// `score` (K, C) applied at the last real token of each sequence; loss over sequences.
     Classifier {
         /// K, the number of classes.
@@ -189,8 +193,13 @@ pub(crate) fn build_graph(config: &Gpt2Config, head: Head, shape: BatchShape, tr
     let ids = bld.g.tensor("ids", &[b * t], DType::U32, TensorKind::Input);
     let lengths = bld.g.tensor("lengths", &[b], DType::U32, TensorKind::Input);
     // The LM head is tied to wte, so wte is trained with the head of a language model.
-    let wte_part = if head == Head::LanguageModel { Part::Head } else { Part::Embeddings };
-    let wte = bld.chunked_param("wte.weight", v, c, wte_part, max_binding);
+    let (wte_part, wte_chunk_bytes) = match head {
+        Head::LanguageModel => (Part::Head, max_binding),
+        // Each wte chunk also sets the width of one logits chunk (B*T rows of it).
+        Head::LanguageModelLoss => (Part::Head, lm_chunk_rows(b * t, c, max_binding) as u64 * (c as u64 * 4)),
+        Head::Classifier { .. } => (Part::Embeddings, max_binding),
+    };
+    let wte = bld.chunked_param("wte.weight", v, c, wte_part, wte_chunk_bytes);
     let wpe = bld.param("wpe.weight", &[config.n_positions, c], Part::Embeddings);
     let mut x = bld.g.activation("embedding.out", &[b * t, c]);
     bld.g.push(Op::Embedding { batch: b, seq_len: t, channels: c, ids, wte: wte.clone(), wpe, out: x });
@@ -240,8 +249,33 @@ pub(crate) fn build_graph(config: &Gpt2Config, head: Head, shape: BatchShape, tr
             let loss = bld.g.tensor("loss", &[2], DType::F32, TensorKind::Output);
             bld.g.push(Op::CrossEntropy { rows, classes: v, logits, targets, losses, loss });
         }
+        Head::LanguageModelLoss => {
+            let rows = b * t;
+            let normed = bld.layernorm("ln_f", x, rows, Part::FinalNorm);
+            let widest = wte.iter().map(|chunk| chunk.rows).max().unwrap_or(0);
+            let logits = bld.g.activation("lm_logits", &[rows, widest]);
+            let stats = bld.g.activation("lm_stats", &[rows, 3]);
+            let targets = bld.g.tensor("targets", &[rows], DType::I32, TensorKind::Input);
+            let losses = bld.g.activation("losses", &[rows]);
+            let loss = bld.g.tensor("loss", &[2], DType::F32, TensorKind::Output);
+            bld.g.push(Op::LmLoss { rows, channels: c, vocab: v, inp: normed, wte, targets, logits, stats, losses, loss });
+        }
     }
     bld.g
+}
+
+/// Bytes of one chunk of LM logits: large enough that each chunk's matmul is big, small enough
+/// that the forward and backward chunk buffers stay a small part of a step's memory.
+const LM_LOGITS_CHUNK_BYTES: u64 = 32 << 20;
+
+/// Rows of wte per chunk of the chunked LM loss with `rows` = B*T positions and `channels` = C:
+/// the chunk's logits (rows, chunk) and its wte rows (chunk, C) must each fit in `max_binding`
+/// bytes, and the logits in [`LM_LOGITS_CHUNK_BYTES`].
+fn lm_chunk_rows(rows: usize, channels: usize, max_binding: u64) -> usize {
+    let logits_budget = max_binding.min(LM_LOGITS_CHUNK_BYTES);
+    let by_logits = logits_budget / (rows.max(1) as u64 * 4);
+    let by_weight = max_binding / (channels.max(1) as u64 * 4);
+    (by_logits.min(by_weight) as usize).max(1)
 }
 
 /// Plans one training step without a device and returns its counts, FLOPs and memory.

@@ -153,12 +153,27 @@ pub enum LoadError {
         source: std::io::Error,
     },
     /// The safetensors crate rejected the file.
-    #[error("`{path}` is not a valid safetensors file (truncated, or another format): {source}. Download or export it again")]
+    #[error("`{path}` ({file_bytes} bytes) is not a valid safetensors file: {error}. The file may be damaged or in another format; download or export it again")]
     InvalidSafetensors {
         /// File involved.
         path: PathBuf,
-        /// Error from the safetensors crate.
-        source: SafeTensorError,
+        /// Size of the file.
+        file_bytes: usize,
+        /// Error from the safetensors crate. The message includes it, so it is not also
+        /// reported as the error's source, which would print it twice in an error chain.
+        error: SafeTensorError,
+    },
+    /// The file is shorter than the sizes in its own header add up to.
+    #[error("`{path}` has {found} bytes, but its header describes {expected} bytes ({layout}), so the file is truncated or not a safetensors file. Download or export it again")]
+    Truncated {
+        /// File involved.
+        path: PathBuf,
+        /// Size of the file.
+        found: usize,
+        /// Size that the header describes, saturated at `u64::MAX`.
+        expected: u64,
+        /// The parts that make up `expected`.
+        layout: String,
     },
     /// The configuration is invalid or disagrees with the requested head.
     #[error("invalid model configuration: {0}")]
@@ -361,43 +376,93 @@ fn check_head(config: &Gpt2Config, head: HeadKind) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Returns the 12 parameters of one transformer block as (name suffix, shape), in model order.
+fn block_shapes(config: &Gpt2Config) -> [(&'static str, Vec<usize>); 12] {
+    let c = config.n_embd;
+    let inner = config.inner_dim();
+    [
+        ("ln_1.weight", vec![c]),
+        ("ln_1.bias", vec![c]),
+        ("attn.c_attn.weight", vec![c, 3 * c]),
+        ("attn.c_attn.bias", vec![3 * c]),
+        ("attn.c_proj.weight", vec![c, c]),
+        ("attn.c_proj.bias", vec![c]),
+        ("ln_2.weight", vec![c]),
+        ("ln_2.bias", vec![c]),
+        ("mlp.c_fc.weight", vec![c, inner]),
+        ("mlp.c_fc.bias", vec![inner]),
+        ("mlp.c_proj.weight", vec![inner, c]),
+        ("mlp.c_proj.bias", vec![c]),
+    ]
+}
+
+/// Yields every parameter of the model with its shape, in model order, without building the
+/// whole list, so a config that claims a huge `n_layer` costs nothing until it is iterated.
+fn parameter_shapes(
+    config: &Gpt2Config,
+    head: HeadKind,
+) -> impl Iterator<Item = (String, Vec<usize>)> + '_ {
+    let c = config.n_embd;
+    let embeddings = [
+        ("wte.weight".to_string(), vec![config.vocab_size, c]),
+        ("wpe.weight".to_string(), vec![config.n_positions, c]),
+    ];
+    let blocks = (0..config.n_layer).flat_map(move |i| {
+        block_shapes(config)
+            .into_iter()
+            .map(move |(suffix, shape)| (format!("h.{i}.{suffix}"), shape))
+    });
+    let final_norm = [
+        ("ln_f.weight".to_string(), vec![c]),
+        ("ln_f.bias".to_string(), vec![c]),
+    ];
+    let score = match head {
+        HeadKind::Classifier { num_labels } => Some((SCORE_WEIGHT.to_string(), vec![num_labels, c])),
+        HeadKind::LanguageModel => None,
+    };
+    embeddings.into_iter().chain(blocks).chain(final_norm).chain(score)
+}
+
+/// Returns the number of parameter tensors of the model, saturated at `usize::MAX`.
+fn parameter_count(config: &Gpt2Config, head: HeadKind) -> usize {
+    let per_block = block_shapes(config).len();
+    let score = usize::from(matches!(head, HeadKind::Classifier { .. }));
+    // wte, wpe, ln_f.weight and ln_f.bias.
+    let outside_blocks = 4;
+    config
+        .n_layer
+        .saturating_mul(per_block)
+        .saturating_add(outside_blocks + score)
+}
+
+/// Returns the shape the model expects for a canonical name, or `None` when the name is not a
+/// parameter of the model. Layer indices must be written as `{i}` prints them, so `h.01.ln_1.weight`
+/// is not a parameter.
+fn expected_shape(config: &Gpt2Config, head: HeadKind, name: &str) -> Option<Vec<usize>> {
+    let c = config.n_embd;
+    match (name, head) {
+        ("wte.weight", _) => return Some(vec![config.vocab_size, c]),
+        ("wpe.weight", _) => return Some(vec![config.n_positions, c]),
+        ("ln_f.weight" | "ln_f.bias", _) => return Some(vec![c]),
+        (SCORE_WEIGHT, HeadKind::Classifier { num_labels }) => return Some(vec![num_labels, c]),
+        _ => {}
+    }
+    let (index, suffix) = name.strip_prefix("h.")?.split_once('.')?;
+    let layer: usize = index.parse().ok()?;
+    if layer >= config.n_layer || layer.to_string() != index {
+        return None;
+    }
+    block_shapes(config)
+        .into_iter()
+        .find(|(block_suffix, _)| *block_suffix == suffix)
+        .map(|(_, shape)| shape)
+}
+
 /// Lists every parameter of the model with its shape, in model order: embeddings, blocks,
 /// final layer norm, then `score.weight` for a classifier. The language-model head is tied to
 /// `wte.weight` and has no entry.
 pub fn expected_shapes(config: &Gpt2Config, head: HeadKind) -> Vec<(String, Vec<usize>)> {
-    let c = config.n_embd;
-    let inner = config.inner_dim();
-    let mut shapes = vec![
-        ("wte.weight".to_string(), vec![config.vocab_size, c]),
-        ("wpe.weight".to_string(), vec![config.n_positions, c]),
-    ];
-    for i in 0..config.n_layer {
-        let block: [(&str, Vec<usize>); 12] = [
-            ("ln_1.weight", vec![c]),
-            ("ln_1.bias", vec![c]),
-            ("attn.c_attn.weight", vec![c, 3 * c]),
-            ("attn.c_attn.bias", vec![3 * c]),
-            ("attn.c_proj.weight", vec![c, c]),
-            ("attn.c_proj.bias", vec![c]),
-            ("ln_2.weight", vec![c]),
-            ("ln_2.bias", vec![c]),
-            ("mlp.c_fc.weight", vec![c, inner]),
-            ("mlp.c_fc.bias", vec![inner]),
-            ("mlp.c_proj.weight", vec![inner, c]),
-            ("mlp.c_proj.bias", vec![c]),
-        ];
-        shapes.extend(
-            block
-                .into_iter()
-                .map(|(suffix, shape)| (format!("h.{i}.{suffix}"), shape)),
-        );
-    }
-    shapes.push(("ln_f.weight".to_string(), vec![c]));
-    shapes.push(("ln_f.bias".to_string(), vec![c]));
-    if let HeadKind::Classifier { num_labels } = head {
-        shapes.push((SCORE_WEIGHT.to_string(), vec![num_labels, c]));
-    }
-    shapes
+    parameter_shapes(config, head).collect()
 }
 
 /// Describes the model for error messages, such as "a GPT-2 with 12 layers and a
@@ -485,6 +550,60 @@ fn read_tensor(
     })
 }
 
+/// Size in bytes of the little-endian u64 that starts a safetensors file and gives the length of
+/// the JSON header after it (safetensors format specification).
+const HEADER_LENGTH_BYTES: usize = 8;
+
+/// Key of the optional string-to-string map in a safetensors header, which is not a tensor.
+const METADATA_KEY: &str = "__metadata__";
+
+/// Turns an error of the safetensors crate into a [`LoadError`]. A file shorter than its header
+/// describes becomes [`LoadError::Truncated`] with both sizes, anything else
+/// [`LoadError::InvalidSafetensors`].
+fn rejected_file(path: &Path, bytes: &[u8], error: SafeTensorError) -> LoadError {
+    match described_length(bytes) {
+        Some((expected, layout)) if expected > bytes.len() as u64 => LoadError::Truncated {
+            path: path.to_path_buf(),
+            found: bytes.len(),
+            expected,
+            layout,
+        },
+        _ => LoadError::InvalidSafetensors {
+            path: path.to_path_buf(),
+            file_bytes: bytes.len(),
+            error,
+        },
+    }
+}
+
+/// Returns the file size that the header of a safetensors file describes, with the parts that
+/// make it up, or `None` when the header cannot be read that far.
+///
+/// Only called after the safetensors crate rejected the file, to word the error. The header is
+/// parsed only when the file contains all of it, so no allocation exceeds the file size.
+fn described_length(bytes: &[u8]) -> Option<(u64, String)> {
+    let length_field: [u8; HEADER_LENGTH_BYTES] = bytes.get(..HEADER_LENGTH_BYTES)?.try_into().ok()?;
+    let header_bytes = u64::from_le_bytes(length_field);
+    let header_end = (HEADER_LENGTH_BYTES as u64).saturating_add(header_bytes);
+    if header_end > bytes.len() as u64 {
+        let layout = format!("an {HEADER_LENGTH_BYTES}-byte length and a {header_bytes}-byte JSON header");
+        return Some((header_end, layout));
+    }
+
+    // `header_end` fits in usize because it is at most `bytes.len()`.
+    let header: serde_json::Value = serde_json::from_slice(&bytes[HEADER_LENGTH_BYTES..header_end as usize]).ok()?;
+    let data_bytes = header
+        .as_object()?
+        .iter()
+        .filter(|(name, _)| name.as_str() != METADATA_KEY)
+        .filter_map(|(_, entry)| entry.get("data_offsets")?.get(1)?.as_u64())
+        .max()?;
+    let layout = format!(
+        "an {HEADER_LENGTH_BYTES}-byte length, a {header_bytes}-byte JSON header and {data_bytes} bytes of tensor data"
+    );
+    Some((header_end.saturating_add(data_bytes), layout))
+}
+
 /// Loads GPT-2 weights from a Hugging Face `model.safetensors`.
 ///
 /// Tensor names may carry the `transformer.` prefix or not. The attention buffers
@@ -507,14 +626,7 @@ pub fn load(
         path: path.to_path_buf(),
         source,
     })?;
-    let file =
-        SafeTensors::deserialize(&bytes).map_err(|source| LoadError::InvalidSafetensors {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let expected: BTreeMap<String, Vec<usize>> =
-        expected_shapes(config, head).into_iter().collect();
-
+    let file = SafeTensors::deserialize(&bytes).map_err(|error| rejected_file(path, &bytes, error))?;
     let mut entries = file.tensors();
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let mut stored_names: BTreeMap<String, String> = BTreeMap::new();
@@ -534,11 +646,11 @@ pub fn load(
             });
         }
         if name == LM_HEAD_WEIGHT {
-            let wte_shape = &expected["wte.weight"];
-            lm_head = Some(read_tensor(path, &stored, &view, wte_shape)?);
+            let wte_shape = [config.vocab_size, config.n_embd];
+            lm_head = Some(read_tensor(path, &stored, &view, &wte_shape)?);
             continue;
         }
-        let Some(shape) = expected.get(&name) else {
+        let Some(shape) = expected_shape(config, head, &name) else {
             return Err(LoadError::UnknownTensor {
                 path: path.to_path_buf(),
                 name: stored,
@@ -547,19 +659,26 @@ pub fn load(
                 model: describe_model(config, head),
             });
         };
-        let tensor = read_tensor(path, &stored, &view, shape)?;
+        let tensor = read_tensor(path, &stored, &view, &shape)?;
         weights.insert(name, tensor);
     }
 
-    let missing: Vec<&String> = expected
-        .keys()
-        .filter(|name| !weights.tensors.contains_key(*name))
-        .filter(|name| !(options.allow_missing_head && name.as_str() == SCORE_WEIGHT))
-        .collect();
-    if let Some(first) = expected_shapes(config, head)
-        .into_iter()
-        .find(|(name, _)| missing.contains(&name))
-    {
+    // Every tensor in `weights` is a parameter, so counting is enough to find out whether any
+    // is missing. The search for the first missing one ends after at most `weights.len() + 2`
+    // names, so a config that claims many layers cannot make it walk or allocate for all of
+    // them.
+    let skip_head = options.allow_missing_head && !weights.tensors.contains_key(SCORE_WEIGHT);
+    let may_skip = |name: &str| skip_head && name == SCORE_WEIGHT;
+    let missing_count = parameter_count(config, head)
+        .saturating_sub(weights.tensors.len())
+        .saturating_sub(usize::from(skip_head && matches!(head, HeadKind::Classifier { .. })));
+    let first_missing = if missing_count == 0 {
+        None
+    } else {
+        parameter_shapes(config, head)
+            .find(|(name, _)| !weights.tensors.contains_key(name) && !may_skip(name))
+    };
+    if let Some(first) = first_missing {
         let (name, shape) = first;
         let hint = if name == SCORE_WEIGHT {
             "The file has no classification head (a pretrained language model); set allow_missing_head to initialise one"
@@ -570,7 +689,7 @@ pub fn load(
             path: path.to_path_buf(),
             name,
             expected: shape,
-            missing_count: missing.len(),
+            missing_count,
             hint,
         });
     }
@@ -613,6 +732,43 @@ pub fn save(
     weights: &Weights,
     config: &Gpt2Config,
     prefix: bool,
+) -> Result<(), LoadError> {
+    save_as(path, weights, config, prefix, SaveDtype::F32)
+}
+
+/// Storage type of a saved checkpoint.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// 4 bytes per weight, exact.
+    #[default]
+    F32,
+    /// 2 bytes per weight, rounded to nearest; half the file for a relative error under 2^-11.
+    F16,
+}
+
+impl std::str::FromStr for SaveDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(SaveDtype::F32),
+            "f16" => Ok(SaveDtype::F16),
+            other => Err(format!("invalid dtype `{other}`, expected f32 or f16")),
+        }
+    }
+}
+
+/// [`save`] with the storage type of the tensors.
+///
+/// # Errors
+///
+/// As [`save`].
+pub fn save_as(
+    path: &Path,
+    weights: &Weights,
+    config: &Gpt2Config,
+    prefix: bool,
+    dtype: SaveDtype,
 ) -> Result<(), LoadError> {
     let head = HeadKind::from_config(config);
     check_head(config, head)?;
@@ -664,16 +820,19 @@ pub fn save(
                 expected: shape,
             });
         }
-        let bytes: Vec<u8> = tensor
-            .data
-            .iter()
-            .flat_map(|value| value.to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = match dtype {
+            SaveDtype::F32 => tensor.data.iter().flat_map(|value| value.to_le_bytes()).collect(),
+            SaveDtype::F16 => tensor.data.iter().flat_map(|&value| half::f16::from_f32(value).to_le_bytes()).collect(),
+        };
         encoded.push((stored_name(&name, prefix), shape, bytes));
     }
+    let stored = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::F16 => Dtype::F16,
+    };
     let views = encoded.iter().map(|(name, shape, bytes)| {
-        let view = safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), bytes)
-            .expect("the byte length is 4 * numel, checked against the shape above");
+        let view = safetensors::tensor::TensorView::new(stored, shape.clone(), bytes)
+            .expect("the byte length is the element size times numel, checked against the shape above");
         (name.clone(), view)
     });
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -1022,20 +1181,37 @@ mod tests {
         std::fs::write(&path, &bytes[..bytes.len() - 7]).unwrap();
         let err = load_lm(&path, &config).unwrap_err();
         assert!(
-            matches!(err, LoadError::InvalidSafetensors { .. }),
+            matches!(err, LoadError::Truncated { found, expected, .. }
+                if found == bytes.len() - 7 && expected == bytes.len() as u64),
             "{err:?}"
         );
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains(&format!("{} bytes", bytes.len())), "{message}");
+
+        // Cut inside the JSON header: the length field alone gives the expected size.
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        let err = load_lm(&path, &config).unwrap_err();
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap());
         assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
+            matches!(err, LoadError::Truncated { found: 20, expected, .. } if expected == header_end),
+            "{err:?}"
         );
 
-        std::fs::write(&path, b"{\"n_layer\": 12}").unwrap();
+        // Extra bytes after the tensor data are not a truncation.
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0; 4]);
+        std::fs::write(&path, &longer).unwrap();
         let err = load_lm(&path, &config).unwrap_err();
         assert!(
-            matches!(err, LoadError::InvalidSafetensors { .. }),
+            matches!(err, LoadError::InvalidSafetensors { file_bytes, .. } if file_bytes == longer.len()),
             "{err:?}"
         );
+
+        // JSON text read as a header length claims far more bytes than the file has.
+        std::fs::write(&path, b"{\"n_layer\": 12}").unwrap();
+        let err = load_lm(&path, &config).unwrap_err();
+        assert!(matches!(err, LoadError::Truncated { found: 15, .. }), "{err:?}");
         std::fs::write(&path, b"").unwrap();
         let err = load_lm(&path, &config).unwrap_err();
         assert!(
@@ -1081,6 +1257,39 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("(4, 16)"), "{err}");
+    }
+
+    #[test]
+    fn huge_layer_count_is_missing_tensors() {
+        // A config that claims 2^40 layers passes validation (the parameter count fits in
+        // usize), so the loader must report the missing blocks without listing all of them.
+        let config = tiny_config();
+        let file = entries(&lm_weights(&config, 1), true);
+        let mut claimed = config.clone();
+        claimed.n_layer = 1 << 40;
+        claimed.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_lm(&write_file(dir.path(), &file), &claimed).unwrap_err();
+        let expected_missing = 12 * (1usize << 40) + 4 - file.len();
+        assert!(
+            matches!(err, LoadError::MissingTensor { ref name, missing_count, .. }
+                if name == "h.2.ln_1.weight" && missing_count == expected_missing),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn noncanonical_layer_index_is_unknown() {
+        let config = tiny_config();
+        let mut file = entries(&lm_weights(&config, 1), false);
+        let tensor = file.remove("h.1.ln_1.bias").unwrap();
+        file.insert("h.01.ln_1.bias".into(), tensor);
+        let dir = tempfile::tempdir().unwrap();
+        let err = load_lm(&write_file(dir.path(), &file), &config).unwrap_err();
+        assert!(
+            matches!(err, LoadError::UnknownTensor { ref name, .. } if name == "h.01.ln_1.bias"),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -11,7 +11,9 @@ use crate::graph::executor::{OptimizerSettings, StepInputs};
 use crate::graph::Session;
 use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
 use crate::model::load::{open_classifier, ModelError};
-use serde::Serialize;
+use crate::model::weights::HeadKind;
+use crate::train::checkpoint::{self, TrainState};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -41,7 +43,9 @@ pub enum TrainError {
     #[error("{0}")]
     Invalid(String),
     /// The loss became NaN or infinite.
-    #[error("the training loss became {loss} at step {step} (last finite loss {last_finite:?}); lower --lr or set --clip-grad-norm")]
+    #[error(
+        "the training loss became {loss} at step {step} (last finite loss {last_finite:?}); {checkpoint}. Lower --lr or set --clip-grad-norm, then resume with --resume, or pass --on-nan skip"
+    )]
     NonFinite {
         /// Optimizer step.
         step: usize,
@@ -49,7 +53,46 @@ pub enum TrainError {
         loss: f32,
         /// The last finite loss seen.
         last_finite: Option<f32>,
+        /// Where the checkpoint of the last good state is.
+        checkpoint: String,
     },
+    /// The run was interrupted (Ctrl-C) and left a checkpoint.
+    #[error("stopped at step {step} of {total}; the checkpoint is in {}. Continue with: shadertune train --resume {}", .checkpoint.display(), .out.display())]
+    Stopped {
+        /// Steps done.
+        step: usize,
+        /// Steps planned.
+        total: usize,
+        /// The checkpoint directory.
+        checkpoint: PathBuf,
+        /// The run's output directory.
+        out: PathBuf,
+    },
+    /// A checkpoint could not be written or read, or does not match the run.
+    #[error(transparent)]
+    Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+}
+
+/// What a run does when a batch gives a NaN or infinite loss.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnNan {
+    /// Stop with an error after writing a checkpoint of the last good state.
+    #[default]
+    Stop,
+    /// Skip the batch (its update is discarded on the device) and go on.
+    Skip,
+}
+
+impl std::str::FromStr for OnNan {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stop" => Ok(OnNan::Stop),
+            "skip" => Ok(OnNan::Skip),
+            other => Err(format!("invalid --on-nan `{other}`, expected stop or skip")),
+        }
+    }
 }
 
 /// Everything a fine-tuning run needs. Defaults follow the GPT-2 small spam recipe: AdamW lr
@@ -94,6 +137,18 @@ pub struct TrainConfig {
     pub eval_batches: usize,
     /// Output directory.
     pub out_dir: PathBuf,
+    /// Optimizer steps between checkpoints in `out_dir/checkpoint/` (0: only at the end).
+    pub save_every: usize,
+    /// Continue from the checkpoint in `out_dir` instead of starting over.
+    pub resume: bool,
+    /// What to do on a NaN or infinite loss.
+    pub on_nan: OnNan,
+    /// Set from another thread (Ctrl-C) to stop at the next step with a checkpoint.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The run's command line, stored in checkpoints so that a resume can repeat the run.
+    pub command: Vec<String>,
+    /// The directory the command ran in, against which its relative paths resolve.
+    pub working_dir: Option<PathBuf>,
 }
 
 impl TrainConfig {
@@ -119,6 +174,12 @@ impl TrainConfig {
             eval_every: 50,
             eval_batches: 5,
             out_dir,
+            save_every: 0,
+            resume: false,
+            on_nan: OnNan::Stop,
+            stop: None,
+            command: Vec::new(),
+            working_dir: None,
         }
     }
 }
@@ -276,6 +337,14 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     }
 
     let head = Head::Classifier { num_labels: labels.len() };
+    let fingerprint = data_fingerprint(&splits, seq_len);
+    let resumed = if config.resume {
+        let loaded = checkpoint::load(&config.out_dir, "train", HeadKind::Classifier { num_labels: labels.len() })?;
+        check_resume(&loaded, &model.config, &fingerprint)?;
+        Some(loaded)
+    } else {
+        None
+    };
     let shape = BatchShape { batch: config.batch_size, seq_len };
     let max_binding = gpu.limits().max_storage_buffer_binding_size;
     let graph = build_graph(&model.config, head, shape, config.trainable, max_binding);
@@ -284,7 +353,14 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
         clip_grad_norm: config.clip_grad_norm,
         ..OptimizerSettings::default()
     };
-    let mut session = Session::new(gpu, graph, &model.weights, true, settings)?;
+    let start_weights = resumed.as_ref().map_or(&model.weights, |l| &l.weights);
+    let mut session = Session::new(gpu, graph, start_weights, true, settings)?;
+    let mut progress_state = RunProgress::default();
+    if let Some(loaded) = &resumed {
+        checkpoint::restore_optimizer(&mut session, loaded)?;
+        progress_state = serde_json::from_value(loaded.state.progress.clone()).unwrap_or_default();
+        log::info!("resuming from {} at step {}", loaded.dir.display(), loaded.state.step);
+    }
     let summary = session.summary();
     log::info!(
         "model: {} ({} layers, n_embd {}), {} trainable and {} frozen parameters ({})",
@@ -307,40 +383,92 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let total_steps = (batches_per_epoch * config.epochs).div_ceil(config.grad_accum);
     let history_path = config.out_dir.join("history.jsonl");
     let _ = std::fs::remove_file(&history_path);
-    let mut history = Vec::new();
+    let mut history = progress_state.history.clone();
+    for record in &history {
+        report::append_history(&history_path, record)
+            .map_err(|e| TrainError::Write { path: history_path.clone(), message: e.to_string() })?;
+    }
+    let mut weights_host = model.weights.clone();
+    let save_checkpoint = |session: &Session<'_>, weights: &mut crate::model::weights::Weights, step: usize, progress: &RunProgress| {
+        session.download_weights(weights)?;
+        let state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            kind: "train".into(),
+            step: step as u64,
+            settings: serde_json::json!({ "command": config.command, "working_dir": config.working_dir }),
+            data_fingerprint: fingerprint.clone(),
+            progress: serde_json::to_value(progress).expect("progress serializes"),
+        };
+        let classifier_config = model
+            .config
+            .to_classifier(&labels)
+            .map_err(|e| TrainError::Write { path: config.out_dir.join("checkpoint"), message: e.to_string() })?;
+        let dir = checkpoint::save(&config.out_dir, session, weights, &classifier_config, &state)?;
+        Ok::<PathBuf, TrainError>(dir)
+    };
     let progress = indicatif::ProgressBar::new(total_steps as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("progress template is valid"),
     );
     let num_labels = labels.len();
-    let mut step = 0usize;
+    let mut step = progress_state.step;
+    let first_step = step;
     let mut micro = 0usize;
-    let mut last_finite: Option<f32> = None;
-    let mut running_loss = 0.0f64;
-    let mut running_count = 0usize;
+    let skip_micro = step * config.grad_accum;
+    progress.set_position(step as u64);
     let train_started = Instant::now();
-    for epoch in 0..config.epochs {
+    let stop_requested = || config.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+    let mut stopped = false;
+    'epochs: for epoch in 0..config.epochs {
         for batch in BatchIter::train(&train_data, config.batch_size, config.seed, epoch as u64)? {
-            session.set_inputs(&StepInputs { ids: &batch.ids, lengths: &batch.lengths, targets: &batch.labels });
             micro += 1;
+            if micro <= skip_micro {
+                // Batches the checkpointed run already trained on.
+                continue;
+            }
+            let at_boundary = (micro - 1) % config.grad_accum == 0;
+            if at_boundary && stop_requested() {
+                stopped = true;
+                break 'epochs;
+            }
+            session.set_inputs(&StepInputs { ids: &batch.ids, lengths: &batch.lengths, targets: &batch.labels });
             let update = micro % config.grad_accum == 0;
             let lr = learning_rate(config.schedule, config.lr, step, config.warmup_steps, total_steps);
             session.submit(true, update.then_some(lr), 1.0 / config.grad_accum as f32)?;
             let out = session.read_loss()?;
             if !out.loss.is_finite() {
-                return Err(TrainError::NonFinite { step, loss: out.loss, last_finite });
+                // The optimizer skipped the update (its gradient norm is not finite), so the
+                // device still holds the last good weights.
+                if update {
+                    session.set_optimizer_steps(session.optimizer_steps() - 1);
+                }
+                if config.on_nan == OnNan::Skip {
+                    progress.suspend(|| log::warn!("skipping a batch with loss {} at step {}", out.loss, step + 1));
+                    progress_state.skipped_batches += 1;
+                    continue;
+                }
+                progress.finish_and_clear();
+                let checkpoint = if update || config.grad_accum == 1 {
+                    let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
+                    format!("a checkpoint of the last good state (step {step}) is in {}", dir.display())
+                } else {
+                    "gradients of a partial accumulation are lost, so no new checkpoint was written".to_string()
+                };
+                return Err(TrainError::NonFinite { step: step + 1, loss: out.loss, last_finite: progress_state.last_finite, checkpoint });
             }
-            last_finite = Some(out.loss);
-            running_loss += f64::from(out.loss);
-            running_count += 1;
+            progress_state.last_finite = Some(out.loss);
+            progress_state.running_loss += f64::from(out.loss);
+            progress_state.running_count += 1;
             if !update {
                 continue;
             }
             step += 1;
+            progress_state.step = step;
             progress.inc(1);
-            let rate = step as f64 / train_started.elapsed().as_secs_f64();
-            progress.set_message(format!("epoch {} loss {:.4} {rate:.2} steps/s", epoch + 1, running_loss / running_count as f64));
+            let rate = (step - first_step) as f64 / train_started.elapsed().as_secs_f64();
+            let mean = progress_state.running_loss / progress_state.running_count.max(1) as f64;
+            progress.set_message(format!("epoch {} loss {mean:.4} {rate:.2} steps/s", epoch + 1));
             if step % config.eval_every == 0 || step == total_steps {
                 let limit = Some(config.eval_batches);
                 let train_eval = evaluate(&mut session, &train_data, config.batch_size, num_labels, limit)?;
@@ -367,12 +495,21 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
                 report::append_history(&history_path, &record)
                     .map_err(|e| TrainError::Write { path: history_path.clone(), message: e.to_string() })?;
                 history.push(record);
-                running_loss = 0.0;
-                running_count = 0;
+                progress_state.history = history.clone();
+                progress_state.running_loss = 0.0;
+                progress_state.running_count = 0;
+            }
+            if config.save_every > 0 && step % config.save_every == 0 && step < total_steps {
+                let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
+                progress.suspend(|| log::info!("checkpoint written to {}", dir.display()));
             }
         }
     }
     progress.finish_and_clear();
+    let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
+    if stopped {
+        return Err(TrainError::Stopped { step, total: total_steps, checkpoint: dir, out: config.out_dir.clone() });
+    }
     log::info!("training: {step} steps in {:.1} s", train_started.elapsed().as_secs_f64());
 
     let full = |session: &mut Session<'_>, d: &EncodedExamples| evaluate(session, d, config.batch_size, num_labels, None);
@@ -381,8 +518,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let test_eval = full(&mut session, &test_data)?;
     let metrics = |e: &Evaluation| SplitMetrics::from_predictions(&labels, &e.truths, &e.predictions, e.loss);
 
-    let mut weights = model.weights.clone();
-    session.download_weights(&mut weights)?;
+    let weights = weights_host;
     let model_out = config.out_dir.join("model");
     save_classifier(&model_out, &model, &weights, &labels)?;
 
@@ -423,6 +559,60 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     };
     write_report(&config.out_dir, &report, &history)?;
     Ok(report)
+}
+
+/// Progress of a run, stored in its checkpoints.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct RunProgress {
+    step: usize,
+    history: Vec<HistoryRecord>,
+    running_loss: f64,
+    running_count: usize,
+    last_finite: Option<f32>,
+    skipped_batches: usize,
+}
+
+/// Identity of the training data as the run sees it: the split's texts and labels and the
+/// sequence length, hashed with FNV-1a.
+fn data_fingerprint(splits: &data::Splits, seq_len: usize) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    for e in splits.train.iter() {
+        feed(e.text.as_bytes());
+        feed(&[0]);
+        feed(e.label.as_bytes());
+        feed(&[0]);
+    }
+    format!("{} training examples of {seq_len} tokens, fnv1a {hash:016x}", splits.train.len())
+}
+
+/// Refuses a checkpoint written for another model shape or other data.
+fn check_resume(loaded: &checkpoint::Loaded, config: &crate::model::config::Gpt2Config, fingerprint: &str) -> Result<(), TrainError> {
+    let shape = |c: &crate::model::config::Gpt2Config| {
+        format!("{} layers, {} heads, n_embd {}, vocab {}, n_positions {}", c.n_layer, c.n_head, c.n_embd, c.vocab_size, c.n_positions)
+    };
+    if shape(&loaded.config) != shape(config) {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint is for a model with {}, but this run's model has {}; resume with the model the run started from",
+            loaded.dir.display(),
+            shape(&loaded.config),
+            shape(config)
+        )));
+    }
+    if loaded.state.data_fingerprint != fingerprint {
+        return Err(TrainError::Invalid(format!(
+            "{}: the checkpoint was trained on other data ({}; now {}); resume with the same data, split and seed",
+            loaded.dir.display(),
+            loaded.state.data_fingerprint,
+            fingerprint
+        )));
+    }
+    Ok(())
 }
 
 /// Writes a Hugging Face GPT2ForSequenceClassification directory: config.json with the labels,

@@ -35,7 +35,7 @@ impl Classifier {
     pub fn open(dir: &Path) -> Result<Classifier, TrainError> {
         let config_path = dir.join("config.json");
         let config = crate::model::config::Gpt2Config::from_file(&config_path)
-            .map_err(|source| crate::model::load::ModelError::Config { path: config_path.clone(), source })?;
+            .map_err(|error| crate::model::load::ModelError::Config { path: config_path.clone(), error })?;
         let labels: Vec<String> = match (&config.id2label, config.num_labels) {
             (Some(map), _) => map.values().cloned().collect(),
             (None, Some(k)) => (0..k).map(|i| format!("LABEL_{i}")).collect(),
@@ -46,6 +46,13 @@ impl Classifier {
                 )))
             }
         };
+        let weights_path = dir.join("model.safetensors");
+        if !weights_path.is_file() {
+            return Err(TrainError::Invalid(format!(
+                "{} not found: a trained classifier directory needs its weights; pass the `model/` directory of a `shadertune train` run",
+                weights_path.display()
+            )));
+        }
         let model = open_classifier(dir, labels.len(), 0)?;
         if model.new_head || model.random_init {
             return Err(TrainError::Invalid(format!(

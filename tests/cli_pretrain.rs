@@ -1,0 +1,158 @@
+//! `shadertune pretrain` end to end on a tiny config: the loss falls, the output loads as a
+//! language model, and a run killed mid-way and resumed ends with bitwise the same weights.
+
+mod common;
+
+use common::{have_adapter, shadertune};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn corpus() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/corpus/the-verdict.txt"))
+}
+
+/// A one-layer GPT with the GPT-2 vocabulary, 32 channels and 32 positions.
+fn tiny_config(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny_config.json");
+    let config = serde_json::json!({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 50257,
+        "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32,
+        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"
+    });
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+fn pretrain_args(config: &Path, out: &Path, steps: usize) -> Vec<String> {
+    let mut args: Vec<String> = ["pretrain", "--corpus"].iter().map(|s| s.to_string()).collect();
+    args.push(corpus().display().to_string());
+    args.extend(["--config".to_string(), config.display().to_string(), "--out".to_string(), out.display().to_string()]);
+    for (flag, value) in [
+        ("--batch-size", "2"),
+        ("--max-length", "16"),
+        ("--lr", "3e-3"),
+        ("--warmup-steps", "2"),
+        ("--eval-every", "4"),
+        ("--eval-batches", "2"),
+        ("--save-every", "1"),
+        ("--seed", "5"),
+    ] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(["--steps".to_string(), steps.to_string()]);
+    args
+}
+
+fn history(out: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("pretrain.json")).expect("pretrain.json written");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["history"].as_array().unwrap().clone()
+}
+
+#[test]
+fn pretrain_lowers_validation_loss_and_writes_a_language_model() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let out = dir.path().join("run");
+    let output = shadertune().args(pretrain_args(&config, &out, 12)).output().unwrap();
+    assert!(output.status.success(), "pretrain failed: {}", String::from_utf8_lossy(&output.stderr));
+    let records = history(&out);
+    let val: Vec<f64> = records.iter().map(|r| r["val_loss"].as_f64().unwrap()).collect();
+    assert_eq!(records.len(), 4, "validation at steps 0, 4, 8 and 12 expected: {records:?}");
+    // ln(50257) = 10.8: a fresh model starts near uniform, and each pass must improve on it.
+    assert!((val[0] - 10.82).abs() < 0.1, "initial validation loss {} expected near ln(50257)", val[0]);
+    for pair in val.windows(2) {
+        assert!(pair[1] < pair[0], "validation loss rose: {val:?}");
+    }
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "checkpoint/state.json", "checkpoint/optimizer.safetensors"] {
+        assert!(out.join(name).is_file(), "{name} missing from the output");
+    }
+    let model = shadertune::model::load::open_language_model(&out, 0).expect("the output loads as a language model");
+    assert!(!model.random_init);
+    assert_eq!(model.config.n_embd, 32);
+}
+
+#[test]
+fn pretrain_killed_and_resumed_matches_an_uninterrupted_run() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let steps = 10;
+
+    let straight = dir.path().join("straight");
+    let output = shadertune().args(pretrain_args(&config, &straight, steps)).output().unwrap();
+    assert!(output.status.success(), "pretrain failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    // Kill a second run with SIGKILL once it has checkpointed a few steps.
+    let killed = dir.path().join("killed");
+    let bin = assert_cmd::cargo::cargo_bin("shadertune");
+    let mut child = std::process::Command::new(bin)
+        .args(pretrain_args(&config, &killed, steps))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let checkpointed_step = || -> Option<u64> {
+        let text = std::fs::read_to_string(killed.join("checkpoint/state.json")).ok()?;
+        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+    };
+    while checkpointed_step().unwrap_or(0) < 3 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 3 within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at = checkpointed_step().expect("a checkpoint survives the kill");
+    assert!(at < steps as u64, "killed after the last step ({at}); the test needs an interrupted run");
+    assert!(!killed.join("model.safetensors").exists(), "an interrupted run must not write the final model");
+
+    let output = shadertune().args(["pretrain", "--resume"]).arg(&killed).output().unwrap();
+    assert!(output.status.success(), "resume failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    let a = std::fs::read(straight.join("model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("model.safetensors")).unwrap();
+    assert!(a == b, "resumed from step {at}: the final weights differ from the uninterrupted run");
+}
+
+#[test]
+fn pretrain_rejects_bad_input_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let out = dir.path().join("run");
+
+    let bad_utf8 = dir.path().join("latin1.txt");
+    std::fs::write(&bad_utf8, b"first line\nsecond line caf\xe9\n").unwrap();
+    let output = shadertune()
+        .args(["pretrain", "--config"])
+        .arg(&config)
+        .arg("--out")
+        .arg(&out)
+        .arg("--corpus")
+        .arg(&bad_utf8)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("latin1.txt") && stderr.contains("line 2") && stderr.contains("UTF-8"), "{stderr}");
+
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "  \n\n").unwrap();
+    let output = shadertune().args(["pretrain", "--config"]).arg(&config).arg("--out").arg(&out).arg("--corpus").arg(&empty).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("empty.txt") && stderr.contains("no text"), "{stderr}");
+
+    let output = shadertune().args(["pretrain", "--resume"]).arg(dir.path()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no checkpoint"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1,0 +1,142 @@
+//! Fine-tuning survives interruption: a run killed with SIGKILL and resumed ends with the same
+//! weights as one that ran straight through, and a NaN loss stops with a checkpoint of the last
+//! good state (or is skipped on request).
+
+mod common;
+
+use common::{have_adapter, shadertune, tiny_model, sms_sample};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+fn train_args(model: &Path, data: &Path, out: &Path, lr: &str) -> Vec<String> {
+    let mut args = vec!["train".to_string(), "--model".into(), model.display().to_string(), "--data".into(), data.display().to_string()];
+    args.extend(["--out".into(), out.display().to_string()]);
+    for (flag, value) in [("--epochs", "2"), ("--batch-size", "4"), ("--max-length", "24"), ("--lr", lr), ("--eval-every", "100"), ("--save-every", "1")] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args
+}
+
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+}
+
+#[test]
+fn train_killed_and_resumed_matches_an_uninterrupted_run() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = sms_sample(dir.path(), 300);
+
+    let straight = dir.path().join("straight");
+    let output = shadertune().args(train_args(&model, &data, &straight, "1e-3")).output().unwrap();
+    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
+        .args(train_args(&model, &data, &killed, "1e-3"))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while checkpoint_step(&killed).unwrap_or(0) < 5 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 5 within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at = checkpoint_step(&killed).expect("a checkpoint survives the kill");
+    assert!(!killed.join("model/model.safetensors").exists(), "killed at step {at}, after the run finished; the test needs an interrupted run");
+
+    let output = shadertune().args(["train", "--resume"]).arg(&killed).output().unwrap();
+    assert!(output.status.success(), "resume failed: {}", String::from_utf8_lossy(&output.stderr));
+    let a = std::fs::read(straight.join("model/model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("model/model.safetensors")).unwrap();
+    assert!(a == b, "resumed from step {at}: the final weights differ from the uninterrupted run");
+    let metrics = |d: &Path| std::fs::read_to_string(d.join("metrics.json")).unwrap();
+    let test_of = |text: String| serde_json::from_str::<serde_json::Value>(&text).unwrap()["test"].clone();
+    assert_eq!(test_of(metrics(&straight)), test_of(metrics(&killed)), "the resumed run's test metrics differ");
+}
+
+#[test]
+fn nan_loss_stops_with_a_checkpoint_or_is_skipped() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = sms_sample(dir.path(), 120);
+
+    // AdamW moves every weight by about lr per step, so lr 1e30 sends the logits to infinity
+    // after the first step and the loss to NaN.
+    let out = dir.path().join("stop");
+    let output = shadertune().args(train_args(&model, &data, &out, "1e30")).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a NaN loss must fail the run");
+    assert!(stderr.contains("the training loss became") && stderr.contains("last finite loss"), "{stderr}");
+    assert!(stderr.contains("checkpoint of the last good state"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let at = checkpoint_step(&out).expect("a checkpoint of the last good state");
+    let weights = std::fs::read(out.join("checkpoint/model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&weights).unwrap();
+    for (name, view) in file.tensors() {
+        let finite = view.data().chunks_exact(4).all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
+        assert!(finite, "checkpoint at step {at}: `{name}` holds non-finite values");
+    }
+
+    let out = dir.path().join("skip");
+    let mut args = train_args(&model, &data, &out, "1e30");
+    args.extend(["--on-nan".to_string(), "skip".to_string()]);
+    let output = shadertune().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "--on-nan skip must finish: {stderr}");
+    assert!(stderr.contains("skipping a batch"), "{stderr}");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_stops_with_a_checkpoint_and_says_how_to_resume() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = sms_sample(dir.path(), 300);
+    let out = dir.path().join("run");
+    let mut args = train_args(&model, &data, &out, "1e-3");
+    // Checkpoints only at the end, so that the one found afterwards comes from the interruption.
+    let at = args.iter().position(|a| a == "--save-every").unwrap();
+    args[at + 1] = "0".into();
+    let at = args.iter().position(|a| a == "--epochs").unwrap();
+    args[at + 1] = "20".into();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until training runs (the first periodic evaluation is logged), then press Ctrl-C.
+    let started = Instant::now();
+    while !out.join("splits/test.jsonl").exists() {
+        assert!(started.elapsed() < Duration::from_secs(300), "the run did not start within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be interrupted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let status = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success(), "kill -INT failed");
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an interrupted run must not report success");
+    assert!(stderr.contains("stopped at step") && stderr.contains("shadertune train --resume"), "{stderr}");
+    let step = checkpoint_step(&out).expect("Ctrl-C writes a checkpoint");
+    assert!(step < 20 * 300 / 4, "the run finished ({step} steps) before Ctrl-C");
+    assert!(!out.join("model/model.safetensors").exists(), "an interrupted run must not write the final model");
+}

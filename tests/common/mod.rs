@@ -1,0 +1,45 @@
+//! Helpers shared by the command-line integration tests.
+// Each test crate compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use assert_cmd::Command;
+use std::path::{Path, PathBuf};
+
+/// Returns true when a GPU adapter exists, else prints why the test is skipped. With
+/// `REQUIRE_GPU=1`, a missing adapter fails the test instead.
+pub fn have_adapter() -> bool {
+    let found = !shadertune::gpu::list_adapters(shadertune::gpu::BackendChoice::Auto).is_empty();
+    if !found {
+        assert!(std::env::var("REQUIRE_GPU").as_deref() != Ok("1"), "REQUIRE_GPU=1 but no GPU adapter was found");
+        eprintln!("skipping: no GPU adapter found");
+    }
+    found
+}
+
+/// Returns the `shadertune` binary with warnings-only logging.
+pub fn shadertune() -> Command {
+    let mut cmd = Command::cargo_bin("shadertune").expect("binary builds");
+    cmd.env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Writes a GPT-2-shaped config small enough to train in seconds on lavapipe (1 layer, 2 heads,
+/// 32 channels, 64 positions), without weights.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let model = dir.join("tiny-model");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = r#"{"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
+        "vocab_size": 50257, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
+    std::fs::write(model.join("config.json"), config).unwrap();
+    model
+}
+
+/// Writes the first `rows` lines of the bundled SMS Spam Collection to `sms.tsv`.
+pub fn sms_sample(dir: &Path, rows: usize) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/data/sms_spam/SMSSpamCollection");
+    let text = std::fs::read_to_string(source).unwrap();
+    let sample: Vec<&str> = text.lines().take(rows).collect();
+    let path = dir.join("sms.tsv");
+    std::fs::write(&path, sample.join("\n")).unwrap();
+    path
+}
