@@ -49,7 +49,8 @@ fn is_out_of_range(target_class: i32) -> bool {
     return target_class >= 0 && u32(target_class) >= params.vocab;
 }
 
-// Merges two (max, sum of exp(x - max)) pairs; a sum of 0 marks a pair that has seen nothing.
+// Merges two (max, sum of exp(x - max)) pairs. A sum of 0 marks a pair that has seen nothing.
+// WGSL has no includes, so this repeats merge_softmax of crossentropy.wgsl.
 fn merge_pairs(a_max: f32, a_sum: f32, b_max: f32, b_sum: f32) -> vec2<f32> {
     if (b_sum == 0.0) {
         return vec2<f32>(a_max, a_sum);
