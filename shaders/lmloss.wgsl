@@ -122,15 +122,20 @@ fn lmloss_chunk_forward(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
+// Each invocation handles COLUMNS_PER_INVOCATION consecutive columns of one row, so that the
+// row's statistics and target are read once per group instead of once per element.
+const COLUMNS_PER_INVOCATION: u32 = 4u;
+
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn lmloss_chunk_backward(@builtin(global_invocation_id) gid: vec3<u32>,
                          @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
-    if (i >= params.rows * params.cols) {
+    let group = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
+    let groups_per_row = (params.cols + COLUMNS_PER_INVOCATION - 1u) / COLUMNS_PER_INVOCATION;
+    if (group >= params.rows * groups_per_row) {
         return;
     }
-    let row = i / params.cols;
-    let col = params.col_offset + i % params.cols;
+    let row = group / groups_per_row;
+    let first_col = (group % groups_per_row) * COLUMNS_PER_INVOCATION;
     let target_class = targets[row];
     let count = loss_out[1];
     // d(mean loss)/d(loss[r]) = 1 / count; ignored rows have no gradient.
@@ -138,7 +143,14 @@ fn lmloss_chunk_backward(@builtin(global_invocation_id) gid: vec3<u32>,
     if (target_class >= 0 && count > 0.0) {
         inverse_count = 1.0 / count;
     }
-    let probability = exp(chunk[i] - stats[3u * row]) / stats[3u * row + 1u];
-    let onehot = select(0.0, 1.0, i32(col) == target_class);
-    chunk[i] = select((probability - onehot) * inverse_count, bitcast<f32>(QUIET_NAN_BITS), is_out_of_range(target_class));
+    let row_max = stats[3u * row];
+    let row_sum = stats[3u * row + 1u];
+    let invalid = is_out_of_range(target_class);
+    let last_col = min(first_col + COLUMNS_PER_INVOCATION, params.cols);
+    for (var col = first_col; col < last_col; col++) {
+        let i = row * params.cols + col;
+        let probability = exp(chunk[i] - row_max) / row_sum;
+        let onehot = select(0.0, 1.0, i32(params.col_offset + col) == target_class);
+        chunk[i] = select((probability - onehot) * inverse_count, bitcast<f32>(QUIET_NAN_BITS), invalid);
+    }
 }

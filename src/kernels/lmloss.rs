@@ -17,6 +17,9 @@ pub(crate) static FAMILY: ShaderFamily = ShaderFamily { name: "lmloss", source: 
 /// Must match `WORKGROUP_SIZE` in the shader.
 pub(crate) const WORKGROUP_SIZE: u32 = 256;
 
+/// Columns of one row per invocation of the backward; must match `COLUMNS_PER_INVOCATION`.
+const BACKWARD_COLUMNS_PER_INVOCATION: usize = 4;
+
 /// Both entries share one binding layout: chunk, targets, stats, losses, loss_out.
 const BINDINGS: &[BindingKind] = &[
     BindingKind::Uniform,
@@ -136,7 +139,8 @@ pub(crate) fn chunk_backward(
     check_binding(label, "stats", &stats, 3 * c.rows);
     check_binding(label, "loss_out", &loss_out, 2);
     let p = c.params();
-    let grid = super::grid_1d(gpu, (c.rows * c.cols) as u64, WORKGROUP_SIZE);
+    let groups_per_row = c.cols.div_ceil(BACKWARD_COLUMNS_PER_INVOCATION) as u64;
+    let grid = super::grid_1d(gpu, c.rows as u64 * groups_per_row, WORKGROUP_SIZE);
     gpu.dispatch(&BACKWARD, label, Some(bytemuck::bytes_of(&p)), &[chunk, targets, stats, losses, loss_out], grid)
 }
 
