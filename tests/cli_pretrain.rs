@@ -11,7 +11,7 @@ fn corpus() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/corpus/the-verdict.txt"))
 }
 
-/// A one-layer GPT with the GPT-2 vocabulary, 32 channels and 32 positions.
+/// Writes a one-layer GPT config with the GPT-2 vocabulary, 32 channels and 32 positions.
 fn tiny_config(dir: &Path) -> PathBuf {
     let path = dir.join("tiny_config.json");
     let config = serde_json::json!({
@@ -141,14 +141,17 @@ fn pretrain_rejects_bad_input_with_clear_errors() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("latin1.txt") && stderr.contains("line 2") && stderr.contains("UTF-8"), "{stderr}");
+    assert!(stderr.contains("latin1.txt"), "{stderr}");
+    assert!(stderr.contains("line 2"), "{stderr}");
+    assert!(stderr.contains("UTF-8"), "{stderr}");
 
     let empty = dir.path().join("empty.txt");
     std::fs::write(&empty, "  \n\n").unwrap();
     let output = shadertune().args(["pretrain", "--config"]).arg(&config).arg("--out").arg(&out).arg("--corpus").arg(&empty).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
-    assert!(stderr.contains("empty.txt") && stderr.contains("no text"), "{stderr}");
+    assert!(stderr.contains("empty.txt"), "{stderr}");
+    assert!(stderr.contains("no text"), "{stderr}");
 
     let output = shadertune().args(["pretrain", "--resume"]).arg(dir.path()).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

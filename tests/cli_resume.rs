@@ -79,7 +79,8 @@ fn nan_loss_stops_with_a_checkpoint_or_is_skipped() {
     let output = shadertune().args(train_args(&model, &data, &out, "1e30")).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a NaN loss must fail the run");
-    assert!(stderr.contains("the training loss became") && stderr.contains("last finite loss"), "{stderr}");
+    assert!(stderr.contains("the training loss became"), "{stderr}");
+    assert!(stderr.contains("last finite loss"), "{stderr}");
     assert!(stderr.contains("checkpoint of the last good state"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let at = checkpoint_step(&out).expect("a checkpoint of the last good state");
@@ -135,7 +136,8 @@ fn ctrl_c_stops_with_a_checkpoint_and_says_how_to_resume() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "an interrupted run must not report success");
-    assert!(stderr.contains("stopped at step") && stderr.contains("shadertune train --resume"), "{stderr}");
+    assert!(stderr.contains("stopped at step"), "{stderr}");
+    assert!(stderr.contains("shadertune train --resume"), "{stderr}");
     let step = checkpoint_step(&out).expect("Ctrl-C writes a checkpoint");
     assert!(step < 20 * 300 / 4, "the run finished ({step} steps) before Ctrl-C");
     assert!(!out.join("model/model.safetensors").exists(), "an interrupted run must not write the final model");

@@ -35,7 +35,7 @@ impl Default for OptimizerSettings {
 }
 
 impl OptimizerSettings {
-    /// The clipping threshold the AdamW kernel reads: the clip norm, or without clipping the
+    /// Returns the clipping threshold the AdamW kernel reads: the clip norm, or without clipping the
     /// largest f32 (which never clips) when non-finite updates are skipped, else 0 (no norm).
     fn max_norm(&self) -> f32 {
         match (self.clip_grad_norm, self.skip_nonfinite) {
@@ -387,7 +387,7 @@ impl<'g> Session<'g> {
     /// Reads the logits of the last submitted step (waits for it).
     ///
     /// # Panics
-    /// On a graph with the chunked language-model loss, which never holds whole logits.
+    /// On a graph with the chunked language-model loss, which never keeps whole logits.
     pub fn read_logits(&self) -> Result<Vec<f32>, GpuError> {
         Ok(self.read_tensor("logits")?.expect("only graphs with a logits output are read for logits"))
     }

@@ -80,7 +80,8 @@ fn check_binding(label: &str, name: &str, binding: &TensorBinding<'_>, elements:
 }
 
 fn check_chunk(label: &str, c: &VocabChunk) {
-    assert!(c.cols > 0 && c.col_offset + c.cols <= c.vocab, "`{label}`: chunk {c:?} lies outside the vocabulary");
+    assert!(c.cols > 0, "`{label}`: chunk {c:?} has no columns");
+    assert!(c.col_offset + c.cols <= c.vocab, "`{label}`: chunk {c:?} lies outside the vocabulary");
 }
 
 /// Folds one chunk of logits into the running statistics of each row; on the last chunk

@@ -37,7 +37,7 @@ pub enum CheckpointError {
     Write {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
+        /// The failure.
         message: String,
     },
     /// No checkpoint in the directory.
@@ -51,7 +51,7 @@ pub enum CheckpointError {
     Invalid {
         /// The offending file.
         path: PathBuf,
-        /// What was wrong and what to do.
+        /// The problem and the next step.
         message: String,
     },
     /// Reading state from the device failed.
@@ -59,12 +59,12 @@ pub enum CheckpointError {
     Gpu(#[from] crate::gpu::GpuError),
 }
 
-/// Where a run stands, enough to continue it bit for bit.
+/// Position of a run, enough to continue it bit for bit.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
     /// [`FORMAT_VERSION`].
     pub format_version: u32,
-    /// What wrote it: `pretrain` or `train`.
+    /// Command that wrote it: `pretrain` or `train`.
     pub kind: String,
     /// Optimizer steps taken; AdamW's bias correction and the learning-rate schedule use it.
     pub step: u64,
@@ -81,7 +81,7 @@ pub struct TrainState {
 ///
 /// # Errors
 ///
-/// [`CheckpointError::Missing`] when neither `checkpoint/` nor `checkpoint.previous/` holds a
+/// [`CheckpointError::Missing`] when neither `checkpoint/` nor `checkpoint.previous/` contains a
 /// state.json.
 pub fn find(run_dir: &Path) -> Result<PathBuf, CheckpointError> {
     for name in [DIR, PREVIOUS] {
@@ -157,7 +157,7 @@ pub struct Loaded {
     pub weights: Weights,
     /// AdamW moments by `{weight}.adam_m` / `{weight}.adam_v`.
     pub moments: HashMap<String, Vec<f32>>,
-    /// Where the run stands.
+    /// Position of the run.
     pub state: TrainState,
 }
 

@@ -53,7 +53,7 @@ pub enum TrainError {
         loss: f32,
         /// The last finite loss seen.
         last_finite: Option<f32>,
-        /// Where the checkpoint of the last good state is.
+        /// Location of the checkpoint of the last good state.
         checkpoint: String,
     },
     /// The run was interrupted (Ctrl-C) and left a checkpoint.
@@ -73,7 +73,7 @@ pub enum TrainError {
     Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
 }
 
-/// What a run does when a batch gives a NaN or infinite loss.
+/// Action of a run on a batch with a NaN or infinite loss.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OnNan {
     /// Stop with an error after writing a checkpoint of the last good state.
@@ -141,7 +141,7 @@ pub struct TrainConfig {
     pub save_every: usize,
     /// Continue from the checkpoint in `out_dir` instead of starting over.
     pub resume: bool,
-    /// What to do on a NaN or infinite loss.
+    /// Action on a NaN or infinite loss.
     pub on_nan: OnNan,
     /// Set from another thread (Ctrl-C) to stop at the next step with a checkpoint.
     pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -439,7 +439,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             let out = session.read_loss()?;
             if !out.loss.is_finite() {
                 // The optimizer skipped the update (its gradient norm is not finite), so the
-                // device still holds the last good weights.
+                // device still contains the last good weights.
                 if update {
                     session.set_optimizer_steps(session.optimizer_steps() - 1);
                 }
@@ -572,7 +572,7 @@ struct RunProgress {
     skipped_batches: usize,
 }
 
-/// Identity of the training data as the run sees it: the split's texts and labels and the
+/// Identity of the training data as the run uses it: the split's texts and labels and the
 /// sequence length, hashed with FNV-1a.
 fn data_fingerprint(splits: &data::Splits, seq_len: usize) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -70,7 +70,7 @@ pub enum PretrainError {
     Corpus {
         /// The file.
         path: PathBuf,
-        /// What was wrong.
+        /// The problem.
         message: String,
     },
     /// A setting is out of range.
@@ -87,7 +87,7 @@ pub enum PretrainError {
         loss: f32,
         /// The last finite training loss.
         last_finite: f32,
-        /// Where the last good checkpoint is.
+        /// Location of the last good checkpoint.
         checkpoint: String,
     },
     /// The device failed.
@@ -101,7 +101,7 @@ pub enum PretrainError {
     Write {
         /// The file.
         path: PathBuf,
-        /// What went wrong.
+        /// The failure.
         message: String,
     },
 }
@@ -188,7 +188,7 @@ pub struct PretrainRecord {
     pub elapsed_s: f64,
 }
 
-/// What the run reports while it works.
+/// Progress report of a running pretraining.
 #[derive(Clone, Debug)]
 pub enum Event {
     /// A step finished.
@@ -241,7 +241,7 @@ struct Progress {
     elapsed_s: f64,
 }
 
-/// Where a run starts: a model, or a checkpoint of an interrupted run.
+/// Starting point of a run: a model, or a checkpoint of an interrupted run.
 pub enum Start {
     /// Fresh weights (random or pretrained) with this configuration.
     Model {
@@ -369,7 +369,6 @@ pub fn pretrain(
 
     let mut order: Vec<usize> = Vec::new();
     let mut order_epoch = usize::MAX;
-    let mut last_saved: Option<PathBuf> = None;
     let mut stopped_early = false;
     while step < total_steps {
         if stop.load(Ordering::SeqCst) {
@@ -431,14 +430,12 @@ pub fn pretrain(
         if s.save_every > 0 && step % s.save_every == 0 && step < total_steps {
             progress.elapsed_s = elapsed(&started);
             let dir = save(&session, &mut weights, step, &progress)?;
-            on_event(&Event::Saved(dir.clone()));
-            last_saved = Some(dir);
+            on_event(&Event::Saved(dir));
         }
     }
     progress.elapsed_s = elapsed(&started);
     let dir = save(&session, &mut weights, step, &progress)?;
     on_event(&Event::Saved(dir));
-    drop(last_saved);
 
     let summary = PretrainSummary {
         settings: settings.clone(),
