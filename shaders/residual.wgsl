@@ -1,9 +1,11 @@
-// Residual add and gradient accumulation.
+// Residual add and gradient accumulation, with a scale on the second operand.
 //
-// residual_forward:  out = a + b                      (all (N), assigned)
-// residual_backward: dst = accumulate ? dst + src : src
-//   The gradient of out = a + b is dout for both a and b, so the backward of one residual add is
-//   two calls of this entry point (or none, where the executor aliases the buffers).
+// residual_forward:  out = a + scale * b               (all (N), assigned)
+// residual_backward: dst = accumulate ? dst + scale * src : scale * src
+//   The gradient of out = a + s * b is dout for a and s * dout for b, so the backward of one add
+//   is two calls of this entry point. The transformer's residual adds use scale 1, which
+//   multiplies exactly, so they round as a plain a + b; a LoRA branch adds its product with scale
+//   alpha / r.
 //
 // Work is spread over a 2-D grid of workgroups so that N may exceed 65535 * WORKGROUP_SIZE * 4;
 // each invocation handles one vec4 (four consecutive floats).
@@ -15,8 +17,9 @@ struct ResidualParams {
     len: u32,
     // 1: add into dst; 0: overwrite dst.
     accumulate: u32,
+    // Factor on b (forward) or src (backward).
+    scale: f32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: ResidualParams;
@@ -31,7 +34,7 @@ fn residual_forward(@builtin(global_invocation_id) gid: vec3<u32>,
     for (var k = 0u; k < 4u; k++) {
         let i = base + k;
         if (i < params.len) {
-            out[i] = a[i] + b[i];
+            out[i] = a[i] + params.scale * b[i];
         }
     }
 }
@@ -47,9 +50,9 @@ fn residual_backward(@builtin(global_invocation_id) gid: vec3<u32>,
         let i = base + k;
         if (i < params.len) {
             if (params.accumulate == 1u) {
-                dst[i] = dst[i] + src[i];
+                dst[i] = dst[i] + params.scale * src[i];
             } else {
-                dst[i] = src[i];
+                dst[i] = params.scale * src[i];
             }
         }
     }

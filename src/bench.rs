@@ -195,7 +195,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         shape: format!("({rows}, {c})"),
         flops: None,
         bytes: 4 * 3 * n as u64,
-        dispatches: vec![residual::forward(gpu, "bench residual", n, (&a).into(), (&bb).into(), (&sum).into())?],
+        dispatches: vec![residual::forward(gpu, "bench residual", n, 1.0, (&a).into(), (&bb).into(), (&sum).into())?],
         _buffers: vec![a, bb, sum],
     });
 
@@ -372,6 +372,10 @@ pub struct StepTiming {
     pub ratio_to_matmul_peak: f64,
     /// Forward plus backward FLOPs per step.
     pub flops_per_step: u64,
+    /// Trainable parameters of the step.
+    pub trainable_params: u64,
+    /// Peak device memory of the plan, bytes.
+    pub peak_bytes: u64,
     /// GPU milliseconds per kernel kind in one profiled step, largest first (empty without
     /// timestamp queries).
     pub profile: Vec<(String, f64)>,
@@ -396,20 +400,27 @@ pub fn bench_step(
     head: crate::model::gpt2::Head,
     shape: crate::model::gpt2::BatchShape,
     trainable: crate::model::gpt2::Trainable,
+    lora: Option<&crate::model::lora::LoraSpec>,
     warmup: usize,
     repeats: usize,
 ) -> Result<StepTiming, crate::train::classifier::TrainError> {
     use crate::graph::executor::{OptimizerSettings, StepInputs};
-    use crate::model::gpt2::{build_graph, Head};
+    use crate::model::gpt2::{build_graph_with_lora, Head};
     use crate::model::weights::{init_random, HeadKind};
 
     let head_kind = match head {
         Head::LanguageModel | Head::LanguageModelLoss => HeadKind::LanguageModel,
         Head::Classifier { num_labels } => HeadKind::Classifier { num_labels },
     };
-    let weights = init_random(config, head_kind, 0)
+    let mut weights = init_random(config, head_kind, 0)
         .map_err(|e| crate::train::classifier::TrainError::Invalid(e.to_string()))?;
-    let graph = build_graph(config, head, shape, trainable, gpu.limits().max_storage_buffer_binding_size);
+    if let Some(spec) = lora {
+        let modules = spec.modules(config)?;
+        for (name, tensor) in crate::model::lora::init_adapter(spec, &modules, 0).tensors {
+            weights.insert(name, tensor);
+        }
+    }
+    let graph = build_graph_with_lora(config, head, shape, trainable, lora, gpu.limits().max_storage_buffer_binding_size);
     let mut session = crate::graph::Session::new(gpu, graph, &weights, true, OptimizerSettings::default())?;
     let summary = session.summary();
 
@@ -469,6 +480,8 @@ pub fn bench_step(
         matmul_peak_gflops: peak,
         ratio_to_matmul_peak: gflops / peak,
         flops_per_step: flops,
+        trainable_params: summary.trainable_params,
+        peak_bytes: summary.peak_bytes,
         profile: by_kind,
     })
 }

@@ -655,7 +655,7 @@ fn block_dispatches(
             Some(block.get("attn.c_proj.bias")),
             (&a.projected).into(),
         )?,
-        residual::forward(gpu, &format!("{p}.residual_1"), c, (&a.hidden).into(), (&a.projected).into(), (&a.hidden_mid).into())?,
+        residual::forward(gpu, &format!("{p}.residual_1"), c, 1.0, (&a.hidden).into(), (&a.projected).into(), (&a.hidden_mid).into())?,
         layernorm::forward(
             gpu,
             &format!("{p}.ln_2"),
@@ -688,7 +688,7 @@ fn block_dispatches(
             Some(block.get("mlp.c_proj.bias")),
             (&a.projected).into(),
         )?,
-        residual::forward(gpu, &format!("{p}.residual_2"), c, (&a.hidden_mid).into(), (&a.projected).into(), (&a.hidden).into())?,
+        residual::forward(gpu, &format!("{p}.residual_2"), c, 1.0, (&a.hidden_mid).into(), (&a.projected).into(), (&a.hidden).into())?,
     ])
 }
 

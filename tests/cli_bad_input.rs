@@ -508,6 +508,42 @@ fn tokenizer_vocab_mismatch_fails() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// LoRA adapters
+// ---------------------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+#[test]
+fn adapter_for_another_base_model_fails() {
+    // The PEFT fixture adapter belongs to a 2-layer model with n_embd 48; this base has one
+    // layer of n_embd 2.
+    let adapter = fixture("tiny_cls_lora");
+    let base = fixture("hf_fake_gpt2");
+    let output = shadertune().args(["predict", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("Hello there").output().unwrap();
+    assert_fails(
+        &output,
+        &[&display(&adapter.join("adapter_model.safetensors")), "n_embd 48", "another base model", "tests/fixtures/tiny_cls"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let output = shadertune().args(["merge", "--model"]).arg(&base).arg("--adapter").arg(&adapter).arg("--out").arg(&out).output().unwrap();
+    assert_fails(&output, &["n_embd 48", "another base model"]);
+    assert!(!out.join("model.safetensors").exists(), "a failed merge wrote weights");
+}
+
+#[test]
+fn adapter_without_its_config_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::copy(fixture("tiny_cls_lora/adapter_model.safetensors"), adapter.join("adapter_model.safetensors")).unwrap();
+    let output = shadertune().args(["predict", "--model"]).arg(fixture("tiny_cls")).arg("--adapter").arg(&adapter).arg("Hello").output().unwrap();
+    assert_fails(&output, &[&display(&adapter.join("adapter_config.json")), "No such file"]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Checkpoints and output directories
 // ---------------------------------------------------------------------------------------------
 

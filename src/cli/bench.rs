@@ -34,6 +34,8 @@ struct StepArgs {
     /// Time the language-model head instead of a 2-class classifier.
     #[arg(long)]
     lm: bool,
+    #[command(flatten)]
+    lora: super::train::LoraArgs,
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -103,7 +105,9 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     let gpu = args.device.open()?;
     let head = if args.lm { Head::LanguageModelLoss } else { Head::Classifier { num_labels: 2 } };
     let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
-    let t = shadertune::bench::bench_step(&gpu, &config, head, shape, args.train, args.warmup, args.repeats.max(1))?;
+    let lora = args.lora.spec()?;
+    let trainable = if lora.is_some() { shadertune::model::gpt2::Trainable::Head } else { args.train };
+    let t = shadertune::bench::bench_step(&gpu, &config, head, shape, trainable, lora.as_ref(), args.warmup, args.repeats.max(1))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
         return Ok(());
@@ -111,8 +115,14 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     println!("adapter: {}", gpu.describe());
     println!(
         "model: {} layers, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
-        config.n_layer, config.n_embd, config.vocab_size, args.batch_size, args.max_length, args.train
+        config.n_layer,
+        config.n_embd,
+        config.vocab_size,
+        args.batch_size,
+        args.max_length,
+        lora.as_ref().map_or(trainable.to_string(), |l| format!("LoRA r {} on {}", l.rank, l.targets))
     );
+    println!("parameters:  {} trainable; {:.1} MiB peak", t.trainable_params, t.peak_bytes as f64 / (1 << 20) as f64);
     println!("step:        {:.1} ms ({:.0} tokens/s)", t.ms_per_step, t.tokens_per_s);
     println!("throughput:  {:.2} GFLOP/s of {:.1} GFLOP per step", t.gflops, t.flops_per_step as f64 / 1e9);
     println!("matmul peak: {:.2} GFLOP/s in this run; step/peak ratio {:.2}", t.matmul_peak_gflops, t.ratio_to_matmul_peak);

@@ -3,6 +3,7 @@
 mod bench;
 mod devices;
 mod generate;
+mod merge;
 mod plan;
 mod predict;
 mod pretrain;
@@ -33,6 +34,8 @@ pub(crate) enum Command {
     Eval(predict::EvalArgs),
     /// Classify texts with a trained classifier.
     Predict(predict::PredictArgs),
+    /// Fold a LoRA adapter into its base model and write a plain Hugging Face checkpoint.
+    Merge(merge::MergeArgs),
     /// Pretrain a GPT on plain text (next-token prediction) and write a Hugging Face model.
     Pretrain(pretrain::PretrainArgs),
     /// Continue a prompt with a language model, streaming the generated text.
@@ -47,8 +50,9 @@ pub(crate) struct DeviceArgs {
     /// Graphics API to use: auto, vulkan, metal, dx12 or gl.
     #[arg(long, default_value = "auto", value_parser = parse_backend)]
     pub backend: BackendChoice,
-    /// Adapter index as listed by `shadertune devices` (default: the first hardware adapter).
-    #[arg(long)]
+    /// GPU adapter index as listed by `shadertune devices` (default: the first hardware
+    /// adapter). `--adapter` is a LoRA adapter directory wherever it appears.
+    #[arg(long = "gpu", value_name = "INDEX")]
     pub adapter: Option<usize>,
 }
 
@@ -78,6 +82,7 @@ pub(crate) fn main() -> ExitCode {
         Command::Train(args) => train::run(&args),
         Command::Eval(args) => predict::run_eval(&args),
         Command::Predict(args) => predict::run_predict(&args),
+        Command::Merge(args) => merge::run(&args),
         Command::Pretrain(args) => pretrain::run(&args),
         Command::Generate(args) => generate::run(&args),
         Command::Bench(args) => bench::run(&args),

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use shadertune::model::config::Gpt2Config;
-use shadertune::model::gpt2::{plan_summary, BatchShape, Head, Trainable};
+use shadertune::model::gpt2::{lora_layer_kernels, plan_summary, BatchShape, Head, Trainable};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -34,6 +34,8 @@ pub(crate) struct PlanArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    lora: super::train::LoraArgs,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -74,16 +76,33 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
     };
     let head = if args.lm { Head::LanguageModelLoss } else { Head::Classifier { num_labels: args.num_labels } };
     let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
-    let s = plan_summary(&config, head, shape, args.train, args.clip, max_binding);
+    let lora = args.lora.spec()?;
+    let trainable = if lora.is_some() { Trainable::Head } else { args.train };
+    if let Some(spec) = &lora {
+        spec.modules(&config)?;
+    }
+    let s = plan_summary(&config, head, shape, trainable, lora.as_ref(), args.clip, max_binding);
+    // LoRA is reported next to full fine-tuning of the same model and batch.
+    let full = lora.as_ref().map(|_| plan_summary(&config, head, shape, Trainable::All, None, args.clip, max_binding));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let value = match &full {
+            Some(full) => serde_json::json!({ "lora": s, "full": full }),
+            None => serde_json::to_value(&s)?,
+        };
+        println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(());
     }
     const MIB: f64 = 1024.0 * 1024.0;
     let gflop = |f: u64| f as f64 / 1e9;
     println!(
         "model: {} layers, {} heads, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
-        config.n_layer, config.n_head, config.n_embd, config.vocab_size, args.batch_size, args.max_length, args.train
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.vocab_size,
+        args.batch_size,
+        args.max_length,
+        lora.as_ref().map_or(args.train.to_string(), |l| format!("LoRA r {} alpha {} on {} (and the head)", l.rank, l.alpha, l.targets))
     );
     println!("dispatches:        {} forward, {} backward, {} optimizer", s.forward_dispatches, s.backward_dispatches, s.optimizer_dispatches);
     println!("FLOPs per step:    {:.2} GFLOP forward, {:.2} GFLOP backward", gflop(s.forward_flops), gflop(s.backward_flops));
@@ -97,5 +116,22 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
         s.activation_bytes as f64 / MIB,
         s.activation_bytes_without_reuse as f64 / MIB
     );
+    if let (Some(spec), Some(full)) = (&lora, &full) {
+        println!(
+            "against --train all: {} trainable parameters instead of {} ({:.2}%), {:.1} MiB peak instead of {:.1} MiB",
+            s.trainable_params,
+            full.trainable_params,
+            100.0 * s.trainable_params as f64 / full.trainable_params.max(1) as f64,
+            s.peak_bytes as f64 / MIB,
+            full.peak_bytes as f64 / MIB
+        );
+        let kernels = lora_layer_kernels(&config, head, shape, spec, max_binding);
+        if let Some(first) = spec.modules(&config)?.first() {
+            println!("kernels of one adapted layer ({}) per step; the base product runs once:", first.prefix);
+            for line in kernels {
+                println!("  {line}");
+            }
+        }
+    }
     Ok(())
 }

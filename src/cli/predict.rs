@@ -9,9 +9,14 @@ use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub(crate) struct PredictArgs {
-    /// Classifier directory written by `shadertune train` (its `model/` folder).
+    /// Classifier directory written by `shadertune train` (its `model/` folder), or with
+    /// --adapter the base model the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
+    /// LoRA adapter directory (PEFT format, from `shadertune train --lora-rank` or PEFT) to
+    /// merge into --model before use.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Texts to classify.
     texts: Vec<String>,
     /// Read texts from a file, one per line (in addition to any given as arguments).
@@ -41,7 +46,7 @@ pub(crate) fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     if texts.is_empty() {
         anyhow::bail!("no text to classify: give texts as arguments or --file PATH");
     }
-    let classifier = Classifier::open(&args.model)?;
+    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?;
     let gpu = args.device.open()?;
     let predictions = classifier.predict(&gpu, &texts, args.batch_size)?;
     if args.json {
@@ -57,9 +62,14 @@ pub(crate) fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
 
 #[derive(Args, Debug)]
 pub(crate) struct EvalArgs {
-    /// Classifier directory written by `shadertune train` (its `model/` folder).
+    /// Classifier directory written by `shadertune train` (its `model/` folder), or with
+    /// --adapter the base model the adapter was trained on.
     #[arg(long)]
     model: PathBuf,
+    /// LoRA adapter directory (PEFT format, from `shadertune train --lora-rank` or PEFT) to
+    /// merge into --model before use.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Labelled data file or directory.
     #[arg(long)]
     data: PathBuf,
@@ -86,7 +96,7 @@ pub(crate) fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         PathBuf::from("runs").join(format!("eval-{secs}"))
     });
     shadertune::train::classifier::check_output_dir(&out)?;
-    let classifier = Classifier::open(&args.model)?;
+    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?;
     let gpu = args.device.open()?;
     let read = args.columns.read_options()?;
     let (eval, dataset, seq_len, truncated) = classifier.evaluate_file(&gpu, &args.data, &read, args.batch_size, args.max_length)?;
@@ -108,7 +118,7 @@ pub(crate) fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         },
         run: RunSummary {
             model: args.model.display().to_string(),
-            adapter: None,
+            adapter: args.adapter.as_ref().map(|a| a.display().to_string()),
             backend: gpu.describe(),
             seconds: started.elapsed().as_secs_f64(),
             trainable_parameters: 0,

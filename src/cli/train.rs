@@ -4,6 +4,7 @@ use clap::Args;
 use shadertune::data::{Balance, ColumnSpec, DataFormat, ReadOptions};
 use shadertune::model::gpt2::Trainable;
 use shadertune::model::load::{assets_dir, default_model_dir};
+use shadertune::model::lora::{parse_targets, LoraSpec};
 use shadertune::train::checkpoint;
 use shadertune::train::classifier::{train_classifier, OnNan, Report, TrainConfig};
 use shadertune::train::report::{format_confusion_table, format_per_label};
@@ -85,7 +86,38 @@ pub(crate) struct TrainArgs {
     #[arg(long, default_value = "stop")]
     on_nan: OnNan,
     #[command(flatten)]
+    lora: LoraArgs,
+    #[command(flatten)]
     device: super::DeviceArgs,
+}
+
+/// LoRA settings, shared by `train` and `plan`.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct LoraArgs {
+    /// Train LoRA adapters of rank R on the targeted layers instead of the model: the base
+    /// weights stay frozen and only the adapters and the head train. Writes OUT/adapter/ (PEFT
+    /// format) and OUT/model/ with the adapters merged.
+    #[arg(long, value_name = "R")]
+    lora_rank: Option<usize>,
+    /// LoRA alpha: the adapters' output is scaled by alpha / R. Default: 2 x R.
+    #[arg(long, value_name = "A", requires = "lora_rank")]
+    lora_alpha: Option<f32>,
+    /// Layers that get adapters, by PEFT's module names: c_attn, c_proj (both projections),
+    /// c_fc, attn.c_proj, mlp.c_proj, or full paths such as h.11.mlp.c_fc.
+    #[arg(long, value_name = "LIST", default_value = "c_attn,c_proj,c_fc", requires = "lora_rank")]
+    lora_targets: String,
+    /// Dropout probability on the adapters' input while training.
+    #[arg(long, value_name = "P", default_value_t = 0.0, requires = "lora_rank")]
+    lora_dropout: f32,
+}
+
+impl LoraArgs {
+    /// The validated settings, or `None` without --lora-rank.
+    pub(crate) fn spec(&self) -> anyhow::Result<Option<LoraSpec>> {
+        let Some(rank) = self.lora_rank else { return Ok(None) };
+        let alpha = self.lora_alpha.unwrap_or(2.0 * rank as f32);
+        Ok(Some(LoraSpec::new(rank, alpha, self.lora_dropout, parse_targets(&self.lora_targets))?))
+    }
 }
 
 /// Column and format selection, shared by `train` and `eval`.
@@ -160,6 +192,9 @@ pub(crate) fn resolve_model(spec: Option<&str>) -> anyhow::Result<PathBuf> {
     }
 }
 
+/// Learning rate of LoRA runs without --lr.
+const LORA_LR: f32 = 1e-3;
+
 fn timestamp_dir() -> PathBuf {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     PathBuf::from("runs").join(format!("{secs}"))
@@ -215,13 +250,19 @@ fn run_with(args: &TrainArgs, command: Vec<String>, resume: bool) -> anyhow::Res
     config.split = args.split;
     config.seed = args.seed;
     config.max_length = args.max_length;
+    config.lora = args.lora.spec()?;
     config.trainable = match (&args.train, &recommendation.train) {
         (Some(t), _) => *t,
+        // With LoRA the base model is frozen: only the adapters and the head train.
+        (None, _) if config.lora.is_some() => Trainable::Head,
         (None, Some(t)) => t.parse().map_err(|e: String| anyhow::anyhow!(e))?,
         (None, None) if !has_weights => Trainable::All,
         (None, None) => Trainable::LastBlocks(1),
     };
-    if let Some(lr) = args.lr.or(recommendation.lr) {
+    // Adapters start at zero and have few parameters, so LoRA takes a larger step than full
+    // fine-tuning.
+    let default_lr = if config.lora.is_some() { Some(LORA_LR) } else { recommendation.lr };
+    if let Some(lr) = args.lr.or(default_lr) {
         config.lr = lr;
     }
     if let Some(epochs) = args.epochs.or(recommendation.epochs) {
@@ -261,7 +302,7 @@ fn run_with(args: &TrainArgs, command: Vec<String>, resume: bool) -> anyhow::Res
         "training {} on {} (train {}, lr {}, {} epochs, batch {})",
         model_dir.display(),
         config.data.display(),
-        config.trainable,
+        config.lora.as_ref().map_or(config.trainable.to_string(), |s| format!("LoRA r {} alpha {} on {}", s.rank, s.alpha, s.targets)),
         config.lr,
         config.epochs,
         config.batch_size

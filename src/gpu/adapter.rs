@@ -67,7 +67,7 @@ pub struct GpuOptions {
 /// Description of one adapter, as `shadertune devices` prints it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct AdapterSummary {
-    /// Position in the list, as taken by `--adapter`.
+    /// Position in the list, as taken by `--gpu`.
     pub index: usize,
     /// Adapter name.
     pub name: String,
@@ -106,7 +106,7 @@ fn enumerate(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
     pollster::block_on(wgpu::Instance::new(desc).enumerate_adapters(backends))
 }
 
-/// Adapters of `backend` in `--adapter` order. With `auto`, Vulkan, Metal and DX12 adapters
+/// Adapters of `backend` in `--gpu` order. With `auto`, Vulkan, Metal and DX12 adapters
 /// come first and GL adapters after them; `everything` false skips GL when a native-API adapter
 /// exists, which also spares the GL driver's start-up.
 fn adapters_of(backend: BackendChoice, everything: bool) -> Vec<wgpu::Adapter> {
@@ -131,7 +131,7 @@ fn no_adapter(backend: BackendChoice) -> GpuError {
     GpuError::NoAdapter { tried: backend.describe(), hint: hint.to_string() }
 }
 
-/// Lists every adapter on the chosen backend, in the order `--adapter` indexes them.
+/// Lists every adapter on the chosen backend, in the order `--gpu` indexes them.
 pub fn list_adapters(backend: BackendChoice) -> Vec<AdapterSummary> {
     adapters_of(backend, true)
         .iter()

@@ -154,16 +154,24 @@ pub(crate) fn differentiate(graph: &mut Graph) -> Backward {
                     kernels.push(Kernel::GeluBackward { len: *len, inp: *inp, dout, dinp, accumulate });
                 }
             }
-            Op::Add { len, a, b, out } => {
+            Op::Add { len, a, b, scale, out } => {
                 if !g.has_grad(*out) {
                     continue;
                 }
                 let dout = g.grad(*out);
-                for x in [a, b] {
+                // out = a + s * b: da = dout, db = s * dout.
+                for (x, s) in [(a, 1.0), (b, *scale)] {
                     if needs[*x] {
                         let (dx, accumulate) = g.target(*x);
-                        kernels.push(Kernel::Copy { len: *len, src: dout, dst: dx, accumulate });
+                        kernels.push(Kernel::Copy { len: *len, src: dout, dst: dx, scale: s, accumulate });
                     }
+                }
+            }
+            Op::Dropout { len, prob, seed, salt, inp, out } => {
+                if needs[*inp] && g.has_grad(*out) {
+                    let dout = g.grad(*out);
+                    let (dinp, accumulate) = g.target(*inp);
+                    kernels.push(Kernel::DropoutBackward { len: *len, prob: *prob, seed: *seed, salt: *salt, dout, dinp, accumulate });
                 }
             }
             Op::Attention { shape, qkv, att, out } => {

@@ -5,7 +5,7 @@ use super::plan::{Kernel, Plan, PlanOptions, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
-use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, norm, pooling, residual};
+use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, gelu, layernorm, matmul, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
 use std::collections::HashMap;
 
@@ -79,6 +79,10 @@ pub struct Session<'g> {
     settings: OptimizerSettings,
     optimizer_steps: u64,
     by_name: HashMap<String, TensorId>,
+    /// Seed of the run's dropout masks; each training micro-batch derives its own from it.
+    dropout_seed: u64,
+    /// Training micro-batches since the last optimizer update.
+    micro_batches: u64,
 }
 
 impl<'g> Session<'g> {
@@ -128,6 +132,8 @@ impl<'g> Session<'g> {
             settings,
             optimizer_steps: 0,
             by_name,
+            dropout_seed: 0,
+            micro_batches: 0,
         };
         session.upload_weights(weights)?;
         session.build_dispatches()?;
@@ -163,9 +169,14 @@ impl<'g> Session<'g> {
         Ok(())
     }
 
-    /// Reads every parameter back into host weights, joining row chunks.
+    /// Reads every trainable parameter back into host weights, joining row chunks. Frozen
+    /// parameters never change, so `into`, which starts as the weights the session was created
+    /// from, already holds them.
     pub fn download_weights(&self, into: &mut Weights) -> Result<(), GpuError> {
         for source in &self.plan.graph.params {
+            if !self.plan.graph.is_trainable(source.tensor) {
+                continue;
+            }
             let Some(buffer) = self.dedicated.get(&source.tensor) else { continue };
             let len = self.plan.graph.tensors[source.tensor].len();
             let values: Vec<f32> = self.gpu.read(buffer, 0, len)?;
@@ -234,6 +245,11 @@ impl<'g> Session<'g> {
         !chunks.is_empty()
     }
 
+    /// Sets the seed from which every training micro-batch derives its dropout mask.
+    pub fn set_dropout_seed(&mut self, seed: u64) {
+        self.dropout_seed = seed;
+    }
+
     /// Sets the count of optimizer steps taken, which AdamW's bias correction uses; a resumed
     /// run restores it from its checkpoint.
     pub fn set_optimizer_steps(&mut self, steps: u64) {
@@ -274,6 +290,16 @@ impl<'g> Session<'g> {
     /// Records the forward pass, and with `train` the backward pass, into one command encoder
     /// and submits it. With `update`, the optimizer runs too with learning rate `lr`.
     pub fn submit(&mut self, train: bool, update: Option<f32>, grad_scale: f32) -> Result<(), GpuError> {
+        if let Some(buffer) = self.input(crate::model::gpt2::DROPOUT_SEED) {
+            // The mask depends only on the run seed, the optimizer step and the micro-batch
+            // within it, so a resumed run draws the masks the uninterrupted run drew.
+            let mixed = self.dropout_seed ^ self.optimizer_steps.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ self.micro_batches.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+            let folded = (mixed ^ (mixed >> 32)) as u32;
+            self.gpu.write(buffer, 0, &[folded, u32::from(train)]);
+        }
+        if train {
+            self.micro_batches = if update.is_some() { 0 } else { self.micro_batches + 1 };
+        }
         let end = if !train {
             self.forward_dispatches
         } else if update.is_some() {
@@ -469,8 +495,11 @@ impl<'g> Session<'g> {
                 Op::Gelu { len, inp, out: o } => {
                     out.push(gelu::forward(gpu, &format!("gelu {}", self.name(*o)), *len, b(*inp), b(*o))?);
                 }
-                Op::Add { len, a, b: bb, out: o } => {
-                    out.push(residual::forward(gpu, &format!("residual {}", self.name(*o)), *len, b(*a), b(*bb), b(*o))?);
+                Op::Add { len, a, b: bb, scale, out: o } => {
+                    out.push(residual::forward(gpu, &format!("residual {}", self.name(*o)), *len, *scale, b(*a), b(*bb), b(*o))?);
+                }
+                Op::Dropout { len, prob, seed, salt, inp, out: o } => {
+                    out.push(dropout::forward(gpu, &format!("dropout {}", self.name(*o)), *len, *prob, *salt, b(*seed), b(*inp), b(*o))?);
                 }
                 Op::Attention { shape, qkv, att, out: o } => {
                     out.extend(attention::forward(gpu, &format!("attention {}", self.name(*o)), *shape, b(*qkv), b(*att), b(*o))?);
@@ -567,8 +596,21 @@ impl<'g> Session<'g> {
                     *accumulate,
                 )?);
             }
-            Kernel::Copy { len, src, dst, accumulate } => {
-                out.push(residual::copy_or_accumulate(gpu, &format!("residual grad {}", self.name(*dst)), *len, *accumulate, b(*src), b(*dst))?);
+            Kernel::Copy { len, src, dst, scale, accumulate } => {
+                out.push(residual::copy_or_accumulate(gpu, &format!("residual grad {}", self.name(*dst)), *len, *accumulate, *scale, b(*src), b(*dst))?);
+            }
+            Kernel::DropoutBackward { len, prob, seed, salt, dout, dinp, accumulate } => {
+                out.push(dropout::backward(
+                    gpu,
+                    &format!("dropout grad {}", self.name(*dinp)),
+                    *len,
+                    *prob,
+                    *salt,
+                    *accumulate,
+                    b(*seed),
+                    b(*dout),
+                    b(*dinp),
+                )?);
             }
             Kernel::EmbeddingToken { batch, seq_len, channels, order, segments, dout, dwte, row_offset, rows } => {
                 out.push(embedding::backward_token(

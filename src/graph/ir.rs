@@ -105,8 +105,11 @@ pub(crate) enum Op {
     },
     /// out = gelu(inp), tanh form.
     Gelu { len: usize, inp: TensorId, out: TensorId },
-    /// out = a + b.
-    Add { len: usize, a: TensorId, b: TensorId, out: TensorId },
+    /// out = a + scale * b; scale is 1 for the residual adds and alpha / r for a LoRA branch.
+    Add { len: usize, a: TensorId, b: TensorId, scale: f32, out: TensorId },
+    /// out = inp * mask / (1 - prob) while training (`seed` (2) u32 = [seed of the step,
+    /// active]), out = inp otherwise; `salt` tells dropout sites apart.
+    Dropout { len: usize, prob: f32, seed: TensorId, salt: u32, inp: TensorId, out: TensorId },
     /// Causal self-attention over qkv (B,T,3C) into out (B,T,C); att (B,NH,T,T) saved.
     Attention { shape: AttentionShape, qkv: TensorId, att: TensorId, out: TensorId },
     /// pooled (B,C) = hidden[b, lengths[b]-1].
@@ -149,6 +152,7 @@ impl Op {
             }
             Op::Gelu { inp, .. } => vec![*inp],
             Op::Add { a, b, .. } => vec![*a, *b],
+            Op::Dropout { inp, seed, .. } => vec![*inp, *seed],
             Op::Attention { qkv, .. } => vec![*qkv],
             Op::PoolLast { hidden, lengths, .. } => vec![*hidden, *lengths],
             Op::CrossEntropy { logits, targets, .. } => vec![*logits, *targets],
@@ -168,6 +172,7 @@ impl Op {
             Op::Matmul { out, .. } => vec![*out],
             Op::Gelu { out, .. } => vec![*out],
             Op::Add { out, .. } => vec![*out],
+            Op::Dropout { out, .. } => vec![*out],
             Op::Attention { att, out, .. } => vec![*att, *out],
             Op::PoolLast { pooled, .. } => vec![*pooled],
             Op::CrossEntropy { losses, loss, .. } => vec![*losses, *loss],

@@ -51,7 +51,9 @@ pub(crate) enum Kernel {
         dbias: TensorId,
     },
     AttentionBackward { shape: AttentionShape, dout: TensorId, qkv: TensorId, att: TensorId, datt: TensorId, dqkv: TensorId, accumulate: bool },
-    Copy { len: usize, src: TensorId, dst: TensorId, accumulate: bool },
+    DropoutBackward { len: usize, prob: f32, seed: TensorId, salt: u32, dout: TensorId, dinp: TensorId, accumulate: bool },
+    /// dst (+)= scale * src.
+    Copy { len: usize, src: TensorId, dst: TensorId, scale: f32, accumulate: bool },
     EmbeddingToken {
         batch: usize,
         seq_len: usize,
@@ -94,6 +96,7 @@ impl Kernel {
             }
             AttentionBackward { dout, qkv, att, datt, dqkv, .. } => vec![*dout, *qkv, *att, *datt, *dqkv],
             Copy { src, dst, .. } => vec![*src, *dst],
+            DropoutBackward { seed, dout, dinp, .. } => vec![*seed, *dout, *dinp],
             EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
             NormPartials { grad, partials, .. } => vec![*grad, *partials],
@@ -122,6 +125,7 @@ impl Kernel {
                 }
                 Op::Gelu { len, .. } => 12 * *len as u64,
                 Op::Add { len, .. } => *len as u64,
+                Op::Dropout { len, .. } => *len as u64,
                 Op::Attention { shape, .. } => attention(shape) + 5 * (shape.batch * shape.num_heads * shape.seq_len * shape.seq_len) as u64 / 2,
                 Op::PoolLast { .. } => 0,
                 Op::CrossEntropy { rows, classes, .. } => 4 * (rows * classes) as u64,
@@ -137,6 +141,7 @@ impl Kernel {
             LayerNormParams { rows, channels, .. } => 5 * (rows * channels) as u64,
             AttentionBackward { shape, .. } => 2 * attention(shape) + 4 * (shape.batch * shape.num_heads * shape.seq_len * shape.seq_len) as u64 / 2,
             Copy { len, accumulate, .. } => u64::from(*accumulate) * *len as u64,
+            DropoutBackward { len, .. } => *len as u64,
             EmbeddingToken { batch, seq_len, channels, .. } | EmbeddingPosition { batch, seq_len, channels, .. } => {
                 (batch * seq_len * channels) as u64
             }

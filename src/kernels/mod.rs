@@ -13,6 +13,7 @@ pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod crossentropy;
 pub(crate) mod decode;
+pub(crate) mod dropout;
 pub(crate) mod embedding;
 pub(crate) mod gelu;
 pub(crate) mod layernorm;
@@ -40,6 +41,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &norm::FAMILY,
     &pooling::FAMILY,
     &decode::FAMILY,
+    &dropout::FAMILY,
 ];
 
 /// Every launcher's entry points with the total workgroup size it assumes.
@@ -57,6 +59,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     norm::ENTRIES,
     pooling::ENTRIES,
     decode::ENTRIES,
+    dropout::ENTRIES,
 ];
 
 /// Work items per dispatch dimension for 1-D kernels spread over a 2-D grid.

@@ -29,38 +29,40 @@ pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&FORWARD, WORKGROUP_SIZE),
 pub(crate) struct ResidualParams {
     pub len: u32,
     pub accumulate: u32,
+    pub scale: f32,
     pub _pad0: u32,
-    pub _pad1: u32,
 }
 
-fn params(len: usize, accumulate: bool) -> ResidualParams {
-    ResidualParams { len: len as u32, accumulate: u32::from(accumulate), _pad0: 0, _pad1: 0 }
+fn params(len: usize, accumulate: bool, scale: f32) -> ResidualParams {
+    ResidualParams { len: len as u32, accumulate: u32::from(accumulate), scale, _pad0: 0 }
 }
 
-/// `out = a + b`, all of `len` floats.
+/// `out = a + scale * b`, all of `len` floats.
 pub(crate) fn forward(
     gpu: &Gpu,
     label: &str,
     len: usize,
+    scale: f32,
     a: TensorBinding<'_>,
     b: TensorBinding<'_>,
     out: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
-    let p = params(len, false);
+    let p = params(len, false, scale);
     let groups = super::grid_1d(gpu, (len as u64).div_ceil(ELEMENTS_PER_INVOCATION), WORKGROUP_SIZE);
     gpu.dispatch(&FORWARD, label, Some(bytemuck::bytes_of(&p)), &[a, b, out], groups)
 }
 
-/// `dst = src` or `dst += src` over `len` floats.
+/// `dst = scale * src` or `dst += scale * src` over `len` floats.
 pub(crate) fn copy_or_accumulate(
     gpu: &Gpu,
     label: &str,
     len: usize,
     accumulate: bool,
+    scale: f32,
     src: TensorBinding<'_>,
     dst: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
-    let p = params(len, accumulate);
+    let p = params(len, accumulate, scale);
     let groups = super::grid_1d(gpu, (len as u64).div_ceil(ELEMENTS_PER_INVOCATION), WORKGROUP_SIZE);
     gpu.dispatch(&BACKWARD, label, Some(bytemuck::bytes_of(&p)), &[src, dst], groups)
 }
@@ -89,7 +91,7 @@ mod tests {
             let da = gpu.upload("a", &a).unwrap();
             let db = gpu.upload("b", &b).unwrap();
             let dout = gpu.storage_buffer("out", (len * 4) as u64).unwrap();
-            let d = forward(gpu, "residual", len, (&da).into(), (&db).into(), (&dout).into()).unwrap();
+            let d = forward(gpu, "residual", len, 1.0, (&da).into(), (&db).into(), (&dout).into()).unwrap();
             gpu.run("residual test", &[d]).unwrap();
             let got: Vec<f32> = gpu.read(&dout, 0, len).unwrap();
             let want = reference::residual_forward(&to64(&a), &to64(&b));
@@ -105,16 +107,42 @@ mod tests {
         let init = random_vec(len, 4);
         let dsrc = gpu.upload("src", &src).unwrap();
         let ddst = gpu.upload("dst", &init).unwrap();
-        let d = copy_or_accumulate(gpu, "acc", len, true, (&dsrc).into(), (&ddst).into()).unwrap();
+        let d = copy_or_accumulate(gpu, "acc", len, true, 1.0, (&dsrc).into(), (&ddst).into()).unwrap();
         gpu.run("residual test", &[d]).unwrap();
         let got: Vec<f32> = gpu.read(&ddst, 0, len).unwrap();
         let want: Vec<f64> = src.iter().zip(&init).map(|(s, i)| f64::from(*s) + f64::from(*i)).collect();
         assert_close("residual_backward accumulate", &got, &want, ATOL, RTOL);
 
-        let d = copy_or_accumulate(gpu, "copy", len, false, (&dsrc).into(), (&ddst).into()).unwrap();
+        let d = copy_or_accumulate(gpu, "copy", len, false, 1.0, (&dsrc).into(), (&ddst).into()).unwrap();
         gpu.run("residual test", &[d]).unwrap();
         let got: Vec<f32> = gpu.read(&ddst, 0, len).unwrap();
         assert_close("residual_backward assign", &got, &to64(&src), ATOL, RTOL);
+    }
+
+    #[test]
+    fn scaled_add_and_gradient_match_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        let (len, scale) = (1031usize, 2.5f32);
+        let a = random_vec(len, 5);
+        let b = random_vec(len, 6);
+        let da = gpu.upload("a", &a).unwrap();
+        let db = gpu.upload("b", &b).unwrap();
+        let dout = gpu.storage_buffer("out", (len * 4) as u64).unwrap();
+        let d = forward(gpu, "scaled residual", len, scale, (&da).into(), (&db).into(), (&dout).into()).unwrap();
+        gpu.run("residual test", &[d]).unwrap();
+        let got: Vec<f32> = gpu.read(&dout, 0, len).unwrap();
+        let want = reference::scaled_add(&to64(&a), &to64(&b), f64::from(scale));
+        assert_close("residual_forward scale 2.5", &got, &want, ATOL, RTOL);
+
+        // dst = 2 * init, then dst += 2.5 * a
+        let dst = gpu.upload("dst", &b).unwrap();
+        let first = copy_or_accumulate(gpu, "scaled copy", len, false, 2.0, (&db).into(), (&dst).into()).unwrap();
+        let second = copy_or_accumulate(gpu, "scaled acc", len, true, scale, (&da).into(), (&dst).into()).unwrap();
+        gpu.run("residual test", &[first, second]).unwrap();
+        let got: Vec<f32> = gpu.read(&dst, 0, len).unwrap();
+        let doubled: Vec<f64> = to64(&b).iter().map(|x| 2.0 * x).collect();
+        let want = reference::scaled_add(&doubled, &to64(&a), f64::from(scale));
+        assert_close("residual_backward scale 2 then 2.5", &got, &want, ATOL, RTOL);
     }
 
     fn to64(v: &[f32]) -> Vec<f64> {

@@ -4,6 +4,7 @@ use crate::graph::ir::{DType, Graph, Op, ParamSource, RowChunk, TensorId, Tensor
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::WeightLayout;
 use crate::model::config::Gpt2Config;
+use crate::model::lora::LoraSpec;
 
 /// Set of parameters a run trains. Everything else is frozen and gets no gradient kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +95,7 @@ struct Builder<'c> {
     g: Graph,
     config: &'c Gpt2Config,
     trainable: Trainable,
+    lora: Option<&'c LoraSpec>,
 }
 
 impl Builder<'_> {
@@ -134,11 +136,21 @@ impl Builder<'_> {
         out
     }
 
-    /// Conv1D: out (rows, n_out) = inp (rows, n_in) @ weight (n_in, n_out) + bias.
+    /// Adds a trainable parameter that is not part of the base model (a LoRA matrix).
+    fn adapter_param(&mut self, name: &str, shape: &[usize]) -> TensorId {
+        let id = self.g.tensor(name, shape, DType::F32, TensorKind::Param { trainable: true });
+        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0] });
+        id
+    }
+
+    /// Conv1D: out (rows, n_out) = inp (rows, n_in) @ weight (n_in, n_out) + bias, with a LoRA
+    /// branch when the layer is targeted.
     fn conv1d(&mut self, prefix: &str, inp: TensorId, rows: usize, n_in: usize, n_out: usize, part: Part) -> TensorId {
         let weight = self.param(&format!("{prefix}.weight"), &[n_in, n_out], part);
         let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
-        let out = self.g.activation(format!("{prefix}.out"), &[rows, n_out]);
+        let lora = self.lora.filter(|spec| spec.targets_module(prefix));
+        let base_name = if lora.is_some() { format!("{prefix}.base") } else { format!("{prefix}.out") };
+        let out = self.g.activation(base_name, &[rows, n_out]);
         self.g.push(Op::Matmul {
             rows,
             inner: n_in,
@@ -149,7 +161,62 @@ impl Builder<'_> {
             bias: Some(bias),
             out,
         });
+        match lora {
+            Some(spec) => self.lora_branch(spec, prefix, inp, out, rows, n_in, n_out),
+            None => out,
+        }
+    }
+
+    /// The LoRA branch of a Conv1D whose base product is `base`:
+    /// out = base + s * (x A^T) B^T, with x the layer input (after dropout in training).
+    /// The base product runs once; the branch adds two thin products and a scaled add.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_branch(&mut self, spec: &LoraSpec, prefix: &str, inp: TensorId, base: TensorId, rows: usize, n_in: usize, n_out: usize) -> TensorId {
+        let r = spec.rank;
+        let a = self.adapter_param(&format!("{prefix}.lora_A.weight"), &[r, n_in]);
+        let b = self.adapter_param(&format!("{prefix}.lora_B.weight"), &[n_out, r]);
+        let x = if spec.dropout > 0.0 {
+            let dropped = self.g.activation(format!("{prefix}.lora_dropout"), &[rows, n_in]);
+            let seed = self.dropout_seed();
+            let salt = self.g.ops.len() as u32;
+            self.g.push(Op::Dropout { len: rows * n_in, prob: spec.dropout, seed, salt, inp, out: dropped });
+            dropped
+        } else {
+            inp
+        };
+        let down = self.g.activation(format!("{prefix}.lora_down"), &[rows, r]);
+        self.g.push(Op::Matmul {
+            rows,
+            inner: n_in,
+            cols: r,
+            layout: WeightLayout::OutIn,
+            inp: x,
+            weight: vec![RowChunk { tensor: a, row_offset: 0, rows: r }],
+            bias: None,
+            out: down,
+        });
+        let up = self.g.activation(format!("{prefix}.lora_up"), &[rows, n_out]);
+        self.g.push(Op::Matmul {
+            rows,
+            inner: r,
+            cols: n_out,
+            layout: WeightLayout::OutIn,
+            inp: down,
+            weight: vec![RowChunk { tensor: b, row_offset: 0, rows: n_out }],
+            bias: None,
+            out: up,
+        });
+        let out = self.g.activation(format!("{prefix}.out"), &[rows, n_out]);
+        self.g.push(Op::Add { len: rows * n_out, a: base, b: up, scale: spec.scaling(), out });
         out
+    }
+
+    /// The input that holds the dropout seed of a step, created on first use.
+    fn dropout_seed(&mut self) -> TensorId {
+        if let Some(id) = self.g.tensors.iter().position(|t| t.name == DROPOUT_SEED) {
+            return id;
+        }
+        self.g.tensor(DROPOUT_SEED, &[2], DType::U32, TensorKind::Input)
     }
 
     fn block(&mut self, i: usize, x: TensorId, shape: BatchShape) -> TensorId {
@@ -166,7 +233,7 @@ impl Builder<'_> {
         self.g.push(Op::Attention { shape: attention, qkv, att, out: att_out });
         let proj = self.conv1d(&format!("{p}.attn.c_proj"), att_out, rows, c, c, part);
         let x2 = self.g.activation(format!("{p}.residual_1"), &[rows, c]);
-        self.g.push(Op::Add { len: rows * c, a: x, b: proj, out: x2 });
+        self.g.push(Op::Add { len: rows * c, a: x, b: proj, scale: 1.0, out: x2 });
         let ln2 = self.layernorm(&format!("{p}.ln_2"), x2, rows, part);
         let inner = self.config.inner_dim();
         let fc = self.conv1d(&format!("{p}.mlp.c_fc"), ln2, rows, c, inner, part);
@@ -174,7 +241,7 @@ impl Builder<'_> {
         self.g.push(Op::Gelu { len: rows * inner, inp: fc, out: act });
         let mlp = self.conv1d(&format!("{p}.mlp.c_proj"), act, rows, inner, c, part);
         let x3 = self.g.activation(format!("{p}.residual_2"), &[rows, c]);
-        self.g.push(Op::Add { len: rows * c, a: x2, b: mlp, out: x3 });
+        self.g.push(Op::Add { len: rows * c, a: x2, b: mlp, scale: 1.0, out: x3 });
         x3
     }
 }
@@ -188,7 +255,24 @@ impl Builder<'_> {
 /// for a language model. Outputs: `logits` (B, K) or (B*T, V), `loss` (2): mean loss and the
 /// number of rows counted.
 pub(crate) fn build_graph(config: &Gpt2Config, head: Head, shape: BatchShape, trainable: Trainable, max_binding: u64) -> Graph {
-    let mut bld = Builder { g: Graph::default(), config, trainable };
+    build_graph_with_lora(config, head, shape, trainable, None, max_binding)
+}
+
+/// Name of the (2) u32 input with the dropout seed of a step and 1 when dropout is active.
+pub(crate) const DROPOUT_SEED: &str = "dropout_seed";
+
+/// [`build_graph`] with a LoRA branch on every layer that `lora` targets. The adapter matrices
+/// are trainable; the base weights follow `trainable` (normally [`Trainable::Head`], so only the
+/// adapters and the head train).
+pub(crate) fn build_graph_with_lora(
+    config: &Gpt2Config,
+    head: Head,
+    shape: BatchShape,
+    trainable: Trainable,
+    lora: Option<&LoraSpec>,
+    max_binding: u64,
+) -> Graph {
+    let mut bld = Builder { g: Graph::default(), config, trainable, lora };
     let (b, t, c, v) = (shape.batch, shape.seq_len, config.n_embd, config.vocab_size);
     let ids = bld.g.tensor("ids", &[b * t], DType::U32, TensorKind::Input);
     let lengths = bld.g.tensor("lengths", &[b], DType::U32, TensorKind::Input);
@@ -284,10 +368,54 @@ pub fn plan_summary(
     head: Head,
     shape: BatchShape,
     trainable: Trainable,
+    lora: Option<&LoraSpec>,
     clip: bool,
     max_binding: u64,
 ) -> crate::graph::PlanSummary {
-    let graph = build_graph(config, head, shape, trainable, max_binding);
-    let train = trainable != Trainable::Nothing;
+    let graph = build_graph_with_lora(config, head, shape, trainable, lora, max_binding);
+    let train = trainable != Trainable::Nothing || lora.is_some();
     crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip }).summary()
+}
+
+/// The kernels of one training step that touch the first layer `lora` targets, in execution
+/// order, each as `pass kind outputs <- inputs` with tensor names: the sequence a LoRA layer
+/// adds to the step. Empty when no layer is targeted.
+pub fn lora_layer_kernels(config: &Gpt2Config, head: Head, shape: BatchShape, lora: &LoraSpec, max_binding: u64) -> Vec<String> {
+    use crate::graph::plan::{Kernel, Plan, PlanOptions};
+    let Some(first) = lora.modules(config).ok().and_then(|m| m.into_iter().next()) else { return Vec::new() };
+    let graph = build_graph_with_lora(config, head, shape, Trainable::Head, Some(lora), max_binding);
+    let plan = Plan::new(graph, PlanOptions { train: true, clip: false });
+    let prefix = format!("{}.", first.prefix);
+    let name = |t: &usize| plan.graph.tensors[*t].name.clone();
+    let mut lines = Vec::new();
+    for (i, kernel) in plan.kernels.iter().enumerate() {
+        let tensors = kernel.tensors();
+        if !tensors.iter().any(|t| plan.graph.tensors[*t].name.starts_with(&prefix)) {
+            continue;
+        }
+        let pass = if i < plan.forward_end {
+            "forward"
+        } else if i < plan.backward_end {
+            "backward"
+        } else {
+            "optimizer"
+        };
+        let line = match kernel {
+            Kernel::Forward(op) => {
+                let kind = format!("{op:?}");
+                let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+                let outs: Vec<String> = op.outputs().iter().map(name).collect();
+                let ins: Vec<String> = op.inputs().iter().map(name).collect();
+                format!("{pass:<9} {kind:<16} {} <- {}", outs.join(", "), ins.join(", "))
+            }
+            other => {
+                let kind = format!("{other:?}");
+                let kind = kind.split([' ', '{']).next().unwrap_or("").to_string();
+                let names: Vec<String> = tensors.iter().map(name).collect();
+                format!("{pass:<9} {kind:<16} {}", names.join(", "))
+            }
+        };
+        lines.push(line);
+    }
+    lines
 }

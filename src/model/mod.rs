@@ -4,6 +4,7 @@ pub mod weights;
 pub mod hub;
 pub mod gpt2;
 pub mod load;
+pub mod lora;
 
 #[cfg(test)]
 mod parity_tests;

@@ -320,3 +320,127 @@ fn classifier_predictions_match_transformers() {
     let got: Vec<f32> = predictions.iter().flat_map(|p| labels.iter().map(|l| p.probabilities[l])).collect();
     assert_close("probabilities", &got, want, 1e-6, 1e-4);
 }
+
+/// The PEFT adapter fixture (`tests/fixtures/make_lora_fixtures.py`) on tiny_cls: r 4, alpha 8,
+/// c_attn, c_proj and c_fc targeted, non-zero A and B, a changed head.
+struct LoraCase {
+    case: Case,
+    adapter: crate::model::lora::Adapter,
+}
+
+fn lora_case() -> LoraCase {
+    let mut case = classifier_case();
+    case.golden = Golden::open("tiny_cls_lora_golden.safetensors");
+    let adapter = crate::model::lora::load_adapter(&fixtures().join("tiny_cls_lora"), &case.config, Some(3)).expect("PEFT adapter loads");
+    LoraCase { case, adapter }
+}
+
+impl LoraCase {
+    /// Base weights plus the adapter's A, B and head, in one set for the session.
+    fn weights(&self) -> Weights {
+        let mut w = self.case.weights.clone();
+        for (name, tensor) in &self.adapter.weights.tensors {
+            w.insert(name.clone(), tensor.clone());
+        }
+        w
+    }
+
+    fn session<'g>(&self, gpu: &'g crate::gpu::Gpu, weights: &Weights, train: bool) -> Session<'g> {
+        let c = &self.case;
+        let graph = crate::model::gpt2::build_graph_with_lora(
+            &c.config,
+            c.head,
+            BatchShape { batch: c.batch, seq_len: c.seq_len },
+            if train { Trainable::Head } else { Trainable::Nothing },
+            Some(&self.adapter.spec),
+            gpu.limits().max_storage_buffer_binding_size,
+        );
+        let s = Session::new(gpu, graph, weights, train, settings()).expect("LoRA session builds");
+        s.set_inputs(&StepInputs { ids: &c.ids, lengths: &c.lengths, targets: &c.targets });
+        s
+    }
+}
+
+#[test]
+fn lora_adapter_from_peft_matches_peft() {
+    let Some(gpu) = test_gpu() else { return };
+    let lc = lora_case();
+    assert_eq!(lc.adapter.modules.len(), 8, "c_attn, c_proj and c_fc in both blocks, c_proj twice");
+    assert_eq!(lc.adapter.spec.scaling(), 2.0);
+    let weights = lc.weights();
+    let mut session = lc.session(gpu, &weights, true);
+    session.submit(true, None, 1.0).expect("step runs");
+    let golden = &lc.case.golden;
+    let loss = session.read_loss().expect("loss reads");
+    assert_close("LoRA loss", &[loss.loss], golden.get("loss"), LOGIT_ATOL, LOGIT_RTOL);
+    let logits = session.read_logits().expect("logits read");
+    assert_close("LoRA logits", &logits, golden.get("logits"), LOGIT_ATOL, LOGIT_RTOL);
+    // Gradients of A, B and the head match PEFT's; no base weight has a gradient buffer.
+    let mut checked = 0;
+    for name in weights.tensors.keys() {
+        let numel = weights.tensors[name].data.len();
+        let grad = session.read_param_state(name, ".grad", numel).expect("gradient reads");
+        if lc.adapter.weights.get(name).is_none() {
+            assert!(grad.is_none(), "frozen base weight `{name}` has a gradient buffer");
+            continue;
+        }
+        let grad = grad.unwrap_or_else(|| panic!("adapter tensor `{name}` has no gradient buffer"));
+        let want = golden.get(&format!("grad.{name}"));
+        assert_close(&format!("gradient of {name}"), &grad, want, GRAD_ATOL_OF_MAX * max_abs(want), GRAD_RTOL);
+        checked += 1;
+    }
+    assert_eq!(checked, 17, "16 LoRA matrices and the head");
+}
+
+#[test]
+fn lora_merge_matches_peft_merge_and_unmerged_model() {
+    let Some(gpu) = test_gpu() else { return };
+    let lc = lora_case();
+    let mut merged = lc.case.weights.clone();
+    crate::model::lora::merge(&mut merged, &lc.adapter.spec, &lc.adapter.modules, &lc.adapter.weights).expect("merge");
+    let golden = &lc.case.golden;
+    for m in &lc.adapter.modules {
+        let name = m.weight_name();
+        let want = golden.get(&format!("merged.{name}"));
+        assert_close(&format!("merged {name}"), &merged.get(&name).unwrap().data, want, 1e-6, 1e-5);
+    }
+    assert_close("merged score.weight", &merged.get("score.weight").unwrap().data, golden.get("merged.score.weight"), 0.0, 0.0);
+    // The plain graph on merged weights and the LoRA graph on the unmerged ones agree.
+    let plain = Case { weights: merged, ..classifier_case() };
+    let mut merged_session = plain.session(gpu, Trainable::Nothing);
+    merged_session.submit(false, None, 1.0).expect("forward runs");
+    let merged_logits = merged_session.read_logits().expect("logits read");
+    let weights = lc.weights();
+    let mut lora_session = lc.session(gpu, &weights, false);
+    lora_session.submit(false, None, 1.0).expect("forward runs");
+    let lora_logits = lora_session.read_logits().expect("logits read");
+    let as64: Vec<f64> = lora_logits.iter().map(|&x| f64::from(x)).collect();
+    assert_close("merged against unmerged logits", &merged_logits, &as64, 1e-5, 1e-4);
+    assert_close("merged logits against PEFT", &merged_logits, golden.get("logits"), LOGIT_ATOL, LOGIT_RTOL);
+}
+
+#[test]
+fn fresh_lora_reproduces_the_base_model_exactly() {
+    let Some(gpu) = test_gpu() else { return };
+    let lc = lora_case();
+    let base = classifier_case();
+    let mut base_session = base.session(gpu, Trainable::Nothing);
+    base_session.submit(false, None, 1.0).expect("forward runs");
+    let base_logits = base_session.read_logits().expect("logits read");
+    // B = 0: the branch adds exactly zero, whatever A holds.
+    let mut weights = base.weights.clone();
+    for (name, tensor) in crate::model::lora::init_adapter(&lc.adapter.spec, &lc.adapter.modules, 5).tensors {
+        weights.insert(name, tensor);
+    }
+    let mut session = lc.session(gpu, &weights, true);
+    session.submit(true, None, 1.0).expect("step runs");
+    let logits = session.read_logits().expect("logits read");
+    assert_eq!(logits, base_logits, "a LoRA branch with B = 0 changed the logits");
+    // With B = 0 the gradient of A is exactly zero and that of B is not.
+    let a = lc.adapter.modules[0].a_name();
+    let b = lc.adapter.modules[0].b_name();
+    let grad_a = session.read_param_state(&a, ".grad", weights.get(&a).unwrap().numel()).unwrap().unwrap();
+    let grad_b = session.read_param_state(&b, ".grad", weights.get(&b).unwrap().numel()).unwrap().unwrap();
+    assert!(grad_a.iter().all(|&g| g == 0.0), "gradient of {a} must be zero while B is zero");
+    assert!(grad_b.iter().any(|&g| g != 0.0), "gradient of {b} must not vanish");
+}

@@ -487,7 +487,7 @@ fn checked_numel(name: &str, shape: &[usize]) -> Result<usize, LoadError> {
 }
 
 /// Converts a stored F32, F16 or BF16 tensor to f32 after checking its dtype and shape.
-fn read_tensor(
+pub(crate) fn read_tensor(
     path: &Path,
     stored: &str,
     view: &safetensors::tensor::TensorView<'_>,
@@ -560,7 +560,7 @@ const METADATA_KEY: &str = "__metadata__";
 /// Turns an error of the safetensors crate into a [`LoadError`]. A file shorter than its header
 /// describes becomes [`LoadError::Truncated`] with both sizes, anything else
 /// [`LoadError::InvalidSafetensors`].
-fn rejected_file(path: &Path, bytes: &[u8], error: SafeTensorError) -> LoadError {
+pub(crate) fn rejected_file(path: &Path, bytes: &[u8], error: SafeTensorError) -> LoadError {
     match described_length(bytes) {
         Some((expected, layout)) if expected > bytes.len() as u64 => LoadError::Truncated {
             path: path.to_path_buf(),

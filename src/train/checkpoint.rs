@@ -14,6 +14,7 @@
 use crate::fsutil::write_atomic;
 use crate::graph::Session;
 use crate::model::config::Gpt2Config;
+use crate::model::lora::{self, LoraModule, LoraSpec};
 use crate::model::weights::{self, HeadKind, LoadOptions, Weights};
 use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
@@ -105,6 +106,7 @@ pub fn save(
     weights: &Weights,
     config: &Gpt2Config,
     state: &TrainState,
+    adapter: Option<(&LoraSpec, &[LoraModule], &str, &[String])>,
 ) -> Result<PathBuf, CheckpointError> {
     let partial = run_dir.join(PARTIAL);
     let write_err = |path: &Path, message: String| CheckpointError::Write { path: path.to_path_buf(), message };
@@ -114,8 +116,16 @@ pub fn save(
     std::fs::create_dir_all(&partial).map_err(|e| write_err(&partial, e.to_string()))?;
 
     config.save(&partial).map_err(|e| write_err(&partial.join("config.json"), e.to_string()))?;
-    let model_path = partial.join("model.safetensors");
-    weights::save(&model_path, weights, config, true).map_err(|e| write_err(&model_path, e.to_string()))?;
+    match adapter {
+        // The base weights are frozen and stay in the model directory; the adapter (with the
+        // head) is all that changes.
+        Some((spec, modules, base_model, labels)) => lora::save_adapter(&partial, spec, modules, weights, base_model, Some(labels))
+            .map_err(|e| write_err(&partial.join(lora::ADAPTER_WEIGHTS_FILE), e.to_string()))?,
+        None => {
+            let model_path = partial.join("model.safetensors");
+            weights::save(&model_path, weights, config, true).map_err(|e| write_err(&model_path, e.to_string()))?;
+        }
+    }
 
     let mut moments: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
     for (name, tensor) in &weights.tensors {
@@ -159,6 +169,8 @@ pub struct Loaded {
     pub moments: HashMap<String, Vec<f32>>,
     /// Position of the run.
     pub state: TrainState,
+    /// The adapter of a LoRA run; `weights` then holds only its tensors and the head.
+    pub adapter: Option<lora::Adapter>,
 }
 
 /// Reads the newest checkpoint under `run_dir` for a model with `head`, checking that it was
@@ -187,11 +199,21 @@ pub fn load(run_dir: &Path, kind: &str, head: HeadKind) -> Result<Loaded, Checkp
     }
     let config_path = dir.join("config.json");
     let config = Gpt2Config::from_file(&config_path).map_err(|e| invalid(&config_path, e.to_string()))?;
-    let model_path = dir.join("model.safetensors");
-    let weights = weights::load(&model_path, &config, head, LoadOptions::default()).map_err(|e| invalid(&model_path, e.to_string()))?;
+    let (weights, adapter) = if dir.join(lora::ADAPTER_CONFIG_FILE).is_file() {
+        let num_labels = match head {
+            HeadKind::Classifier { num_labels } => Some(num_labels),
+            HeadKind::LanguageModel => None,
+        };
+        let adapter = lora::load_adapter(&dir, &config, num_labels).map_err(|e| invalid(&dir, e.to_string()))?;
+        (adapter.weights.clone(), Some(adapter))
+    } else {
+        let model_path = dir.join("model.safetensors");
+        let weights = weights::load(&model_path, &config, head, LoadOptions::default()).map_err(|e| invalid(&model_path, e.to_string()))?;
+        (weights, None)
+    };
     let optimizer_path = dir.join("optimizer.safetensors");
     let moments = read_f32_tensors(&optimizer_path, &weights).map_err(|message| invalid(&optimizer_path, message))?;
-    Ok(Loaded { dir, config, weights, moments, state })
+    Ok(Loaded { dir, config, weights, moments, state, adapter })
 }
 
 /// Uploads the AdamW moments of `loaded` into `session` and restores its step count.

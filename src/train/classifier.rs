@@ -9,7 +9,8 @@ use crate::fsutil::write_atomic;
 use crate::gpu::{Gpu, GpuError};
 use crate::graph::executor::{OptimizerSettings, StepInputs};
 use crate::graph::Session;
-use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
+use crate::model::gpt2::{build_graph_with_lora, BatchShape, Head, Trainable};
+use crate::model::lora::{self, LoraError, LoraModule, LoraSpec};
 use crate::model::load::{open_classifier, ModelError};
 use crate::model::weights::HeadKind;
 use crate::train::checkpoint::{self, TrainState};
@@ -71,6 +72,9 @@ pub enum TrainError {
     /// A checkpoint could not be written or read, or does not match the run.
     #[error(transparent)]
     Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+    /// LoRA settings or an adapter file are invalid.
+    #[error(transparent)]
+    Lora(#[from] LoraError),
 }
 
 /// Action of a run on a batch with a NaN or infinite loss.
@@ -149,6 +153,9 @@ pub struct TrainConfig {
     pub command: Vec<String>,
     /// The directory the command ran in, against which its relative paths resolve.
     pub working_dir: Option<PathBuf>,
+    /// Train LoRA adapters on the targeted layers instead of the base weights, which stay
+    /// frozen; `trainable` must then be [`Trainable::Head`].
+    pub lora: Option<LoraSpec>,
 }
 
 impl TrainConfig {
@@ -180,6 +187,7 @@ impl TrainConfig {
             stop: None,
             command: Vec::new(),
             working_dir: None,
+            lora: None,
         }
     }
 }
@@ -336,6 +344,21 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
         }
     }
 
+    let lora_modules: Option<Vec<LoraModule>> = match &config.lora {
+        Some(spec) => {
+            if config.trainable != Trainable::Head {
+                return Err(TrainError::Invalid(format!(
+                    "--train {} cannot be combined with LoRA: the base model stays frozen and only the adapters and the head train; drop --train",
+                    config.trainable
+                )));
+            }
+            Some(spec.modules(&model.config)?)
+        }
+        None => None,
+    };
+    let base_name = config.model_dir.display().to_string();
+    let adapter_of = || config.lora.as_ref().zip(lora_modules.as_deref()).map(|(s, m)| (s, m, base_name.as_str(), labels.as_slice()));
+
     let head = Head::Classifier { num_labels: labels.len() };
     let fingerprint = data_fingerprint(&splits, seq_len);
     let resumed = if config.resume {
@@ -347,14 +370,35 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     };
     let shape = BatchShape { batch: config.batch_size, seq_len };
     let max_binding = gpu.limits().max_storage_buffer_binding_size;
-    let graph = build_graph(&model.config, head, shape, config.trainable, max_binding);
+    let graph = build_graph_with_lora(&model.config, head, shape, config.trainable, config.lora.as_ref(), max_binding);
     let settings = OptimizerSettings {
         weight_decay: config.weight_decay,
         clip_grad_norm: config.clip_grad_norm,
         ..OptimizerSettings::default()
     };
-    let start_weights = resumed.as_ref().map_or(&model.weights, |l| &l.weights);
-    let mut session = Session::new(gpu, graph, start_weights, true, settings)?;
+    // A LoRA run starts from the base weights plus fresh adapters; a resumed LoRA checkpoint
+    // holds only the adapters and the head.
+    let mut start_weights = match &resumed {
+        Some(loaded) if loaded.adapter.is_none() => loaded.weights.clone(),
+        _ => model.weights.clone(),
+    };
+    if let (Some(spec), Some(modules)) = (&config.lora, &lora_modules) {
+        let adapter = match &resumed {
+            Some(loaded) if loaded.adapter.is_some() => loaded.weights.clone(),
+            Some(loaded) => {
+                return Err(TrainError::Invalid(format!(
+                    "{}: the checkpoint holds a full model, not LoRA adapters; resume with the original command",
+                    loaded.dir.display()
+                )))
+            }
+            None => lora::init_adapter(spec, modules, config.seed),
+        };
+        for (name, tensor) in adapter.tensors {
+            start_weights.insert(name, tensor);
+        }
+    }
+    let mut session = Session::new(gpu, graph, &start_weights, true, settings)?;
+    session.set_dropout_seed(config.seed);
     let mut progress_state = RunProgress::default();
     if let Some(loaded) = &resumed {
         checkpoint::restore_optimizer(&mut session, loaded)?;
@@ -388,7 +432,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
         report::append_history(&history_path, record)
             .map_err(|e| TrainError::Write { path: history_path.clone(), message: e.to_string() })?;
     }
-    let mut weights_host = model.weights.clone();
+    let mut weights_host = start_weights.clone();
     let save_checkpoint = |session: &Session<'_>, weights: &mut crate::model::weights::Weights, step: usize, progress: &RunProgress| {
         session.download_weights(weights)?;
         let state = TrainState {
@@ -403,7 +447,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             .config
             .to_classifier(&labels)
             .map_err(|e| TrainError::Write { path: config.out_dir.join("checkpoint"), message: e.to_string() })?;
-        let dir = checkpoint::save(&config.out_dir, session, weights, &classifier_config, &state)?;
+        let dir = checkpoint::save(&config.out_dir, session, weights, &classifier_config, &state, adapter_of())?;
         Ok::<PathBuf, TrainError>(dir)
     };
     let progress = indicatif::ProgressBar::new(total_steps as u64);
@@ -518,9 +562,22 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let test_eval = full(&mut session, &test_data)?;
     let metrics = |e: &Evaluation| SplitMetrics::from_predictions(&labels, &e.truths, &e.predictions, e.loss);
 
-    let weights = weights_host;
     let model_out = config.out_dir.join("model");
-    save_classifier(&model_out, &model, &weights, &labels)?;
+    let adapter_out = match adapter_of() {
+        Some((spec, modules, base, labels)) => {
+            // The adapter in PEFT's format, and the model with it merged, which loads anywhere.
+            let dir = config.out_dir.join("adapter");
+            lora::save_adapter(&dir, spec, modules, &weights_host, base, Some(labels))?;
+            let mut merged = model.weights.clone();
+            lora::merge(&mut merged, spec, modules, &weights_host)?;
+            save_classifier(&model_out, &model, &merged, &labels)?;
+            Some(dir.display().to_string())
+        }
+        None => {
+            save_classifier(&model_out, &model, &weights_host, &labels)?;
+            None
+        }
+    };
 
     let report = Report {
         train: metrics(&train_eval),
@@ -543,12 +600,15 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
         },
         run: RunSummary {
             model: config.model_dir.display().to_string(),
-            adapter: None,
+            adapter: adapter_out,
             backend: gpu.describe(),
             seconds: started.elapsed().as_secs_f64(),
             trainable_parameters: summary.trainable_params,
             frozen_parameters: summary.frozen_params,
-            train: config.trainable.to_string(),
+            train: match &config.lora {
+                Some(spec) => format!("lora r={} alpha={} targets={}", spec.rank, spec.alpha, spec.targets),
+                None => config.trainable.to_string(),
+            },
             steps: step,
             lr: config.lr,
             epochs: config.epochs,

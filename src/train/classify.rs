@@ -63,6 +63,24 @@ impl Classifier {
         Ok(Classifier { model, labels })
     }
 
+    /// Opens `dir`, or with `adapter` the base model `dir` with that LoRA adapter merged in;
+    /// the merged model must have a trained classification head.
+    pub fn open_with(dir: &Path, adapter: Option<&Path>) -> Result<Classifier, TrainError> {
+        let Some(adapter) = adapter else { return Classifier::open(dir) };
+        let merged = crate::model::lora::open_with_adapter(dir, adapter).map_err(|e| match e {
+            crate::model::lora::MergeError::Model(e) => TrainError::Model(e),
+            crate::model::lora::MergeError::Lora(e) => TrainError::Lora(e),
+        })?;
+        let Some(labels) = merged.labels else {
+            return Err(TrainError::Invalid(format!(
+                "the adapter in {} has no classification head (score) and {} is not a classifier; pass an adapter trained with `shadertune train --lora-rank`",
+                adapter.display(),
+                dir.display()
+            )));
+        };
+        Ok(Classifier { model: merged.model, labels })
+    }
+
     /// Label names in class order.
     pub fn labels(&self) -> &[String] {
         &self.labels

@@ -357,7 +357,7 @@ pub fn pretrain(
             data_fingerprint: fingerprint.clone(),
             progress: serde_json::to_value(progress).expect("progress serializes"),
         };
-        Ok(checkpoint::save(out_dir, session, weights, &config, &state)?)
+        Ok(checkpoint::save(out_dir, session, weights, &config, &state, None)?)
     };
 
     if step == 0 && val_windows > 0 {

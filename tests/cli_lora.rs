@@ -1,0 +1,198 @@
+//! LoRA from the command line: training writes a PEFT adapter and a merged model that agree,
+//! `merge` reproduces PEFT's merge of a PEFT adapter, a killed LoRA run with dropout resumes to
+//! identical adapters, and wrong LoRA settings fail with a clear message.
+
+mod common;
+
+use common::{have_adapter, shadertune, sms_sample};
+use shadertune::model::config::Gpt2Config;
+use shadertune::model::weights::{self, HeadKind, LoadOptions};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+fn lora_train_args(data: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--model"].iter().map(|s| s.to_string()).collect();
+    args.push(fixture("tiny_lm").display().to_string());
+    args.extend(["--data".into(), data.display().to_string(), "--out".into(), out.display().to_string()]);
+    for (flag, value) in [("--epochs", "1"), ("--batch-size", "4"), ("--max-length", "24"), ("--eval-every", "100"), ("--lora-rank", "4")] {
+        args.extend([flag.to_string(), value.to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn predict_json(args: &[&str]) -> serde_json::Value {
+    let output = shadertune().arg("predict").args(args).arg("--json").output().unwrap();
+    assert!(output.status.success(), "predict {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("predict --json prints JSON")
+}
+
+#[test]
+fn lora_training_writes_a_peft_adapter_and_a_merged_model_that_agree() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sms_sample(dir.path(), 120);
+    let out = dir.path().join("run");
+    let output = shadertune().args(lora_train_args(&data, &out, &["--lora-targets", "c_attn,mlp.c_proj"])).output().unwrap();
+    assert!(output.status.success(), "LoRA train failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    for (key, want) in [
+        ("peft_type", serde_json::json!("LORA")),
+        ("task_type", serde_json::json!("SEQ_CLS")),
+        ("r", serde_json::json!(4)),
+        ("lora_alpha", serde_json::json!(8.0)),
+        ("fan_in_fan_out", serde_json::json!(true)),
+        ("modules_to_save", serde_json::json!(["score"])),
+        ("target_modules", serde_json::json!(["c_attn", "mlp.c_proj"])),
+    ] {
+        assert_eq!(config[key], want, "adapter_config.json `{key}`");
+    }
+    let bytes = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = file.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut want = vec!["base_model.model.score.weight".to_string()];
+    for i in 0..2 {
+        for m in ["attn.c_attn", "mlp.c_proj"] {
+            for ab in ["A", "B"] {
+                want.push(format!("base_model.model.transformer.h.{i}.{m}.lora_{ab}.weight"));
+            }
+        }
+    }
+    want.sort();
+    assert_eq!(names, want, "adapter tensor names");
+    let a = file.tensor("base_model.model.transformer.h.0.mlp.c_proj.lora_A.weight").unwrap();
+    assert_eq!(a.shape(), [4, 192], "lora_A of mlp.c_proj is (r, n_inner)");
+
+    // The merged model changes only the targeted weights and the head.
+    let base_config = Gpt2Config::from_file(&fixture("tiny_lm/config.json")).unwrap();
+    let base = weights::load(&fixture("tiny_lm/model.safetensors"), &base_config, HeadKind::LanguageModel, LoadOptions::default()).unwrap();
+    let merged_config = Gpt2Config::from_file(&out.join("model/config.json")).unwrap();
+    let head = HeadKind::Classifier { num_labels: 2 };
+    let merged = weights::load(&out.join("model/model.safetensors"), &merged_config, head, LoadOptions::default()).unwrap();
+    for (name, tensor) in &base.tensors {
+        let changed = merged.get(name).unwrap() != tensor;
+        let targeted = name.ends_with("attn.c_attn.weight") || name.ends_with("mlp.c_proj.weight");
+        assert_eq!(changed, targeted, "`{name}`: changed {changed}, targeted {targeted}");
+    }
+
+    // The base model with the adapter predicts what the merged model predicts.
+    let text = "WINNER! Claim your free prize now";
+    let with_adapter = predict_json(&["--model", &fixture("tiny_lm").display().to_string(), "--adapter", &out.join("adapter").display().to_string(), text]);
+    let plain = predict_json(&["--model", &out.join("model").display().to_string(), text]);
+    assert_eq!(with_adapter[0]["label"], plain[0]["label"]);
+    for label in ["ham", "spam"] {
+        let p = with_adapter[0]["probabilities"][label].as_f64().unwrap();
+        let q = plain[0]["probabilities"][label].as_f64().unwrap();
+        assert!((p - q).abs() < 1e-5, "P({label}) with the adapter {p}, merged {q}");
+    }
+}
+
+#[test]
+fn merge_of_a_peft_adapter_matches_peft_merge_and_unload() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let output = shadertune()
+        .args(["merge", "--model"])
+        .arg(fixture("tiny_cls"))
+        .arg("--adapter")
+        .arg(fixture("tiny_cls_lora"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "merge failed: {}", String::from_utf8_lossy(&output.stderr));
+    let config = Gpt2Config::from_file(&out.join("config.json")).unwrap();
+    let merged = weights::load(&out.join("model.safetensors"), &config, HeadKind::Classifier { num_labels: 3 }, LoadOptions::default()).unwrap();
+    let bytes = std::fs::read(fixture("tiny_cls_lora_golden.safetensors")).unwrap();
+    let golden = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut compared = 0;
+    for (key, view) in golden.tensors() {
+        let Some(name) = key.strip_prefix("merged.") else { continue };
+        let want: Vec<f32> = view.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let got = &merged.get(name).unwrap_or_else(|| panic!("merged model lacks `{name}`")).data;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "`{name}`[{i}]: merged here {g}, by PEFT {w}");
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 9, "8 merged Conv1D weights and the head");
+}
+
+fn checkpoint_step(out: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+}
+
+#[test]
+fn lora_run_with_dropout_killed_and_resumed_matches_an_uninterrupted_run() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sms_sample(dir.path(), 400);
+    let extra = ["--lora-dropout", "0.2", "--save-every", "1"];
+    let straight = dir.path().join("straight");
+    let output = shadertune().args(lora_train_args(&data, &straight, &extra)).output().unwrap();
+    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    let killed = dir.path().join("killed");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
+        .args(lora_train_args(&data, &killed, &extra))
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while checkpoint_step(&killed).unwrap_or(0) < 5 {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 5 within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let at = checkpoint_step(&killed).expect("a checkpoint survives the kill");
+    assert!(killed.join("checkpoint/adapter_model.safetensors").is_file(), "a LoRA checkpoint holds the adapter");
+    assert!(!killed.join("checkpoint/model.safetensors").exists(), "a LoRA checkpoint does not copy the frozen base");
+    assert!(!killed.join("adapter").exists(), "killed at step {at}, after the run finished; the test needs an interrupted run");
+
+    let output = shadertune().args(["train", "--resume"]).arg(&killed).output().unwrap();
+    assert!(output.status.success(), "resume failed: {}", String::from_utf8_lossy(&output.stderr));
+    let a = std::fs::read(straight.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(killed.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed from step {at}: the final adapter differs from the uninterrupted run");
+}
+
+#[test]
+fn wrong_lora_settings_fail_with_the_value_and_the_fix() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sms_sample(dir.path(), 40);
+    let out = dir.path().join("run");
+    for (extra, needles) in [
+        (vec!["--train", "all"], vec!["--train all", "LoRA", "drop --train"]),
+        (vec!["--lora-targets", "c_attn,q_proj"], vec!["`q_proj`", "c_fc"]),
+        (vec!["--lora-dropout", "1.5"], vec!["--lora-dropout 1.5", "0 <= P < 1"]),
+    ] {
+        let output = shadertune().args(lora_train_args(&data, &out, &extra)).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{extra:?} should fail with exit 1: {stderr}");
+        for needle in needles {
+            assert!(stderr.contains(needle), "{extra:?}: expected `{needle}` in: {stderr}");
+        }
+        assert!(!stderr.contains("panicked"), "{extra:?} panicked: {stderr}");
+    }
+}
