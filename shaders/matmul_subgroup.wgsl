@@ -21,13 +21,13 @@
 // the dispatch geometry.
 //
 // Why this shape: lavapipe (Mesa 22.3.6 with LLVM 15) turns every storage load into a loop over
-// the 8 SIMD lanes that inserts each loaded float into a vector through the stack. On a CPU
-// without AVX-512, each of those inserts waits for a failed store-to-load forwarding: `perf` and
+// the 8 SIMD lanes that inserts each loaded float into a vector through the stack. On the CPU
+// measured below, each of those inserts waits for a failed store-to-load forwarding: `perf` and
 // timing of test kernels put it at roughly 20 cycles per float and lane, against about one cycle
 // for an 8-wide multiply-add, while a broadcast is a register splat. The time per result therefore
 // falls with the floats that a subgroup loads per multiply-add,
-// (BLOCK_ROWS + BLOCK_COLS) / (BLOCK_ROWS * BLOCK_COLS / LANES), which is bounded by the
-// accumulators an invocation can keep: 384 vec4 here. Every row of the block is written out below
+// (BLOCK_ROWS + BLOCK_COLS) / (BLOCK_ROWS * BLOCK_COLS / LANES), so with the block size. This block
+// keeps 384 vec4 accumulators per invocation. Every row of the block is written out below
 // rather than looped over, because `subgroupBroadcast` takes a constant lane, and a single index
 // into `acc` computed at run time would move the whole block from registers to memory.
 //
@@ -39,10 +39,11 @@
 // NOTE: measured on lavapipe (Mesa 22.3.6, LLVM 15, 2 vCPUs of an AMD EPYC that exposes AVX2 and
 // FMA but not AVX-512) with `shadertune bench kernels`: 18-20 GFLOP/s for all three forms on the
 // GPT-2 small shapes, against 9.5-10 for 32 x 64 blocks per subgroup (32 x 8 per invocation).
-// 64 x 128 blocks ran about 25% slower than these; 128 x 128 blocks about 5% faster on 960 x 768
-// x 3072 but waste rows of 960-row products; 128 x 256 blocks did not finish compiling within 20
-// minutes. Compiling one entry point takes LLVM about 50 s the first time (Mesa's shader disk
-// cache keeps the result), against about 2 s for the 32 x 64 layout.
+// 64 x 128 blocks ran about 25% slower than these, and 128 x 128 blocks about 5% faster on
+// 960 x 768 x 3072 but they waste rows of 960-row products. A run that also compiled 128 x 256
+// and larger blocks did not finish within 20 minutes. Compiling one entry point of this file takes LLVM about
+// 50 s the first time (Mesa's shader disk cache keeps the result), against a few seconds for
+// the 32 x 64 layout.
 
 const WORKGROUP_SIZE: u32 = 8u;
 // Invocations per subgroup that the broadcasts below assume.
