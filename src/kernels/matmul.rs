@@ -20,14 +20,17 @@ pub(crate) static FAMILY: ShaderFamily =
 pub(crate) static SUBGROUP_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_subgroup", source: include_str!("../../shaders/matmul_subgroup.wgsl") };
 
-/// Must match `WORKGROUP_SIZE` in both shaders.
+/// Must match `WORKGROUP_SIZE` in `shaders/matmul.wgsl`.
 pub(crate) const WORKGROUP_SIZE: u32 = 64;
+/// Must match `WORKGROUP_SIZE` in `shaders/matmul_subgroup.wgsl`. A workgroup is one subgroup, so
+/// that a product with few blocks still spreads them evenly over the driver's threads.
+const SUBGROUP_WORKGROUP_SIZE: u32 = 8;
 /// Subgroup size that `shaders/matmul_subgroup.wgsl` assumes; must match `LANES` there.
 const SUBGROUP_LANES: u32 = 8;
-/// Result rows and columns per invocation of the subgroup variant; must match `BLOCK_ROWS` and
-/// `BLOCK_COLS` there. One subgroup covers BLOCK_ROWS rows and SUBGROUP_LANES * BLOCK_COLS columns.
-const BLOCK_ROWS: usize = 32;
-const BLOCK_COLS: usize = 8;
+/// Result rows and columns of one subgroup's block in the subgroup variant. They must match
+/// `BLOCK_ROWS` and `BLOCK_COLS` there.
+const BLOCK_ROWS: usize = 96;
+const BLOCK_COLS: usize = 128;
 /// Environment variable that selects the matmul kernels; `generic` forces `shaders/matmul.wgsl`.
 const KERNEL_VARIABLE: &str = "SHADERTUNE_MATMUL";
 /// Result rows per invocation; must match `TILE_ROWS` in the shader.
@@ -83,8 +86,11 @@ pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[
 
 /// Entry points of the subgroup variant and their WGSL workgroup sizes. They compile only on
 /// devices with the SUBGROUP feature.
-pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] =
-    &[(&SUBGROUP_NN, WORKGROUP_SIZE), (&SUBGROUP_NT, WORKGROUP_SIZE), (&SUBGROUP_TN, WORKGROUP_SIZE)];
+pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
+    (&SUBGROUP_NN, SUBGROUP_WORKGROUP_SIZE),
+    (&SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE),
+    (&SUBGROUP_TN, SUBGROUP_WORKGROUP_SIZE),
+];
 
 /// The shader family that runs a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,14 +296,17 @@ impl Product {
     }
 
     fn workgroups(&self, gpu: &Gpu, variant: Variant) -> [u32; 3] {
-        let invocations = match variant {
-            Variant::Generic => self.rows.div_ceil(TILE_ROWS) * self.cols.div_ceil(TILE_COLS),
-            Variant::Subgroup => {
-                let group_cols = SUBGROUP_LANES as usize * BLOCK_COLS;
-                self.rows.div_ceil(BLOCK_ROWS) * self.cols.div_ceil(group_cols) * SUBGROUP_LANES as usize
+        match variant {
+            Variant::Generic => {
+                let invocations = self.rows.div_ceil(TILE_ROWS) * self.cols.div_ceil(TILE_COLS);
+                super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE)
             }
-        };
-        super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE)
+            Variant::Subgroup => {
+                let blocks = self.rows.div_ceil(BLOCK_ROWS) * self.cols.div_ceil(BLOCK_COLS);
+                let invocations = blocks * SUBGROUP_LANES as usize;
+                super::grid_1d(gpu, invocations as u64, SUBGROUP_WORKGROUP_SIZE)
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -612,8 +621,10 @@ mod tests {
     /// so that the reference costs a few million multiply-adds per product, not billions.
     const GPT2_SAMPLES: usize = 10;
     /// Small shapes (M, K, N): single elements, M = 1, sizes below and across the 16 x 16 tile,
-    /// and odd sizes that disable vec4 loads next to multiples of 4 that enable them.
-    const SMALL: [(usize, usize, usize); 9] = [
+    /// and odd sizes that disable vec4 loads next to multiples of 4 that enable them. The last
+    /// shape fills the 96 x 128 blocks of the subgroup variant partly in every direction, and its
+    /// weight-gradient reduction (M = 101) is not a multiple of 4.
+    const SMALL: [(usize, usize, usize); 10] = [
         (1, 1, 1),
         (1, 7, 3),
         (1, 64, 40),
@@ -623,6 +634,7 @@ mod tests {
         (16, 32, 48),
         (17, 12, 4),
         (33, 20, 64),
+        (101, 20, 132),
     ];
     const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
     /// Every case runs on both variants. On an adapter without fitting subgroups, and for
