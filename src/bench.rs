@@ -1,7 +1,7 @@
 //! Kernel benchmarks on GPT-2 small shapes, shared by `shadertune bench kernels` and `cargo bench`.
 
 use crate::gpu::{median, Dispatch, Gpu, GpuError, TimingSource};
-use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, norm, residual};
+use crate::kernels::{adamw, attention, crossentropy, embedding, gelu, layernorm, matmul, nf4, norm, residual};
 use rand::{Rng, SeedableRng};
 
 /// Shapes to benchmark: batch B sequences of T tokens through a GPT-2 of width C.
@@ -107,6 +107,61 @@ fn matmul_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name:
     ])
 }
 
+/// Creates the cases of the NF4 products of a frozen weight, with f32 and with double-quantised
+/// block scales, at the same shape as [`matmul_cases`] so that the rates compare within one run.
+fn nf4_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &str) -> Result<Vec<Case>, GpuError> {
+    let gpu = m.gpu;
+    let values: Vec<f32> = (0..inner * cols).map(|_| m.rng.random_range(-0.05f32..0.05)).collect();
+    let mut matrices = Vec::new();
+    for double_quant in [false, true] {
+        match nf4::quantize(&values, inner, cols, double_quant) {
+            Ok(matrix) => matrices.push(matrix),
+            Err(e) => {
+                log::warn!("skipping the NF4 benchmark of {name}: {e}");
+                return Ok(Vec::new());
+            }
+        }
+    }
+    let inp = m.random("inp", rows * inner, 1.0)?;
+    let bias = m.random("bias", cols, 0.05)?;
+    let dout = m.random("dout", rows * cols, 1.0)?;
+    let out = m.zeros("out", rows * cols)?;
+    let dinp = m.zeros("dinp", rows * inner)?;
+    let shape = matmul::MatmulShape::new(rows, inner, cols, matmul::WeightLayout::InOut);
+    let flops = Some(2 * (rows * inner * cols) as u64);
+    let text = format!("({rows}, {inner}) x ({inner}, {cols}) {name}");
+    let mut cases = Vec::new();
+    for (matrix, note) in matrices.iter().zip(["", " (double-quantised scales)"]) {
+        let weight = matrix.upload(gpu, "bench nf4 weight")?;
+        // Activations read and written as f32, the weight as its packed codes and scales.
+        let bytes = 4 * (rows * inner + rows * cols) as u64 + matrix.device_bytes();
+        let fwd = nf4::forward(gpu, "bench nf4", shape, (&inp).into(), weight.weight(), Some((&bias).into()), (&out).into())?;
+        let bin = nf4::backward_input(gpu, "bench nf4 dinp", shape, (&dout).into(), weight.weight(), (&dinp).into(), false)?;
+        cases.push(Case {
+            kernel: format!("matmul_nf4::matmul_nf4_forward{note}"),
+            shape: text.clone(),
+            flops,
+            bytes,
+            dispatches: vec![fwd],
+            _buffers: vec![],
+        });
+        cases.push(Case {
+            kernel: format!("matmul_nf4::matmul_nf4_backward_input{note}"),
+            shape: text.clone(),
+            flops,
+            bytes,
+            dispatches: vec![bin],
+            _buffers: vec![weight.packed, weight.scales],
+        });
+        // The step buffer of the double-quantised scales, when there is one, stays alive too.
+        if let Some(steps) = weight.scale_steps {
+            cases.last_mut().expect("a case was just pushed")._buffers.push(steps);
+        }
+    }
+    cases.last_mut().expect("nf4_cases pushes four cases")._buffers.extend([inp, bias, dout, out, dinp]);
+    Ok(cases)
+}
+
 fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     let mut m = Maker { gpu, rng: rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed) };
     let (b, t, c, nh, v) = (s.batch, s.seq_len, s.channels, s.num_heads, s.vocab);
@@ -115,6 +170,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     out.extend(matmul_cases(&mut m, rows, c, 3 * c, "attn.c_attn")?);
     out.extend(matmul_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
     out.extend(matmul_cases(&mut m, rows, 4 * c, c, "mlp.c_proj")?);
+    out.extend(nf4_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
 
     // Layer norm: reads x, writes y, plus small weight/stat vectors.
     let x = m.random("x", rows * c, 1.0)?;

@@ -19,6 +19,7 @@ pub(crate) mod gelu;
 pub(crate) mod layernorm;
 pub(crate) mod lmloss;
 pub(crate) mod matmul;
+pub(crate) mod nf4;
 pub(crate) mod norm;
 pub(crate) mod pooling;
 pub(crate) mod residual;
@@ -31,6 +32,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &residual::FAMILY,
     &matmul::FAMILY,
     &matmul::SUBGROUP_FAMILY,
+    &nf4::FAMILY,
     &layernorm::FAMILY,
     &gelu::FAMILY,
     &attention::FAMILY,
@@ -49,6 +51,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     residual::ENTRIES,
     matmul::ENTRIES,
     matmul::SUBGROUP_ENTRIES,
+    nf4::ENTRIES,
     layernorm::ENTRIES,
     gelu::ENTRIES,
     attention::ENTRIES,
