@@ -1,10 +1,10 @@
-//! LoRA from the command line: training writes a PEFT adapter and a merged model that agree,
-//! `merge` reproduces PEFT's merge of a PEFT adapter, a killed LoRA run with dropout resumes to
-//! identical adapters, and wrong LoRA settings fail with a clear message.
+//! LoRA from the command line. Training writes a PEFT adapter and a merged model that agree, and
+//! `merge` reproduces PEFT's merge of a PEFT adapter. A killed LoRA run with dropout resumes to an
+//! identical adapter, and wrong LoRA settings fail with a clear message.
 
 mod common;
 
-use common::{have_adapter, shadertune, sms_sample};
+use common::{have_adapter, shadertune, sms_sample, tiny_model_of_width};
 use shadertune::model::config::Gpt2Config;
 use shadertune::model::weights::{self, HeadKind, LoadOptions};
 use std::path::{Path, PathBuf};
@@ -32,7 +32,7 @@ fn predict_json(args: &[&str]) -> serde_json::Value {
 }
 
 #[test]
-fn lora_training_writes_a_peft_adapter_and_a_merged_model_that_agree() {
+fn lora_train_adapter_matches_merged_model() {
     if !have_adapter() {
         return;
     }
@@ -96,7 +96,7 @@ fn lora_training_writes_a_peft_adapter_and_a_merged_model_that_agree() {
 }
 
 #[test]
-fn merge_of_a_peft_adapter_matches_peft_merge_and_unload() {
+fn merge_peft_adapter_matches_peft() {
     if !have_adapter() {
         return;
     }
@@ -135,7 +135,7 @@ fn checkpoint_step(out: &Path) -> Option<u64> {
 }
 
 #[test]
-fn lora_run_with_dropout_killed_and_resumed_matches_an_uninterrupted_run() {
+fn lora_dropout_resume_is_bitwise() {
     if !have_adapter() {
         return;
     }
@@ -175,7 +175,7 @@ fn lora_run_with_dropout_killed_and_resumed_matches_an_uninterrupted_run() {
 }
 
 #[test]
-fn wrong_lora_settings_fail_with_the_value_and_the_fix() {
+fn lora_bad_settings_fail() {
     if !have_adapter() {
         return;
     }
@@ -194,5 +194,35 @@ fn wrong_lora_settings_fail_with_the_value_and_the_fix() {
             assert!(stderr.contains(needle), "{extra:?}: expected `{needle}` in: {stderr}");
         }
         assert!(!stderr.contains("panicked"), "{extra:?} panicked: {stderr}");
+    }
+}
+
+#[test]
+fn qlora_trains_and_rejects_bad_shapes() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sms_sample(dir.path(), 120);
+    let out = dir.path().join("qlora");
+    let mut args = lora_train_args(&data, &out, &["--quantize", "nf4", "--lr", "3e-3"]);
+    let model_at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    // NF4 needs linear layers whose width is a multiple of 64.
+    args[model_at] = tiny_model_of_width(dir.path(), "nf4-model", 64).display().to_string();
+    let output = shadertune().args(&args).output().unwrap();
+    assert!(output.status.success(), "QLoRA train failed: {}", String::from_utf8_lossy(&output.stderr));
+    let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    assert!(metrics["run"]["train"].as_str().unwrap().starts_with("qlora nf4 r=4"), "run summary: {}", metrics["run"]);
+    assert!(out.join("adapter/adapter_model.safetensors").is_file(), "no adapter written");
+    let merged = out.join("model");
+    let predictions = predict_json(&["--model", &merged.display().to_string(), "Call now to claim your prize"]);
+    assert!(predictions[0]["label"].is_string(), "predict on the merged QLoRA model: {predictions}");
+
+    // The 1-layer tiny fixture has n_embd 48, which is no multiple of NF4's 64-value blocks.
+    let output = shadertune().args(lora_train_args(&data, &dir.path().join("bad"), &["--quantize", "nf4"])).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for needle in ["--quantize nf4", "(48, 144)", "multiple of 64"] {
+        assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     }
 }

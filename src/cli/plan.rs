@@ -80,6 +80,9 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let trainable = if lora.is_some() { Trainable::Head } else { args.train };
     if let Some(spec) = &lora {
         spec.modules(&config)?;
+        if spec.quantize_base {
+            shadertune::model::lora::check_quantizable(&config)?;
+        }
     }
     let s = plan_summary(&config, head, shape, trainable, lora.as_ref(), args.clip, max_binding);
     // LoRA is reported next to full fine-tuning of the same model and batch.
@@ -125,6 +128,15 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
             s.peak_bytes as f64 / MIB,
             full.peak_bytes as f64 / MIB
         );
+        if spec.quantize_base {
+            let unquantized = shadertune::model::lora::LoraSpec { quantize_base: false, ..spec.clone() };
+            let plain = plan_summary(&config, head, shape, Trainable::Head, Some(&unquantized), args.clip, max_binding);
+            println!(
+                "nf4 base weights: {:.1} MiB of parameters instead of {:.1} MiB with f32 LoRA",
+                s.param_bytes as f64 / MIB,
+                plain.param_bytes as f64 / MIB
+            );
+        }
         let kernels = lora_layer_kernels(&config, head, shape, spec, max_binding);
         if let Some(first) = spec.modules(&config)?.first() {
             println!("kernels of one adapted layer ({}) per step; the base product runs once:", first.prefix);

@@ -109,6 +109,10 @@ pub(crate) struct LoraArgs {
     /// Dropout probability on the adapters' input while training.
     #[arg(long, value_name = "P", default_value_t = 0.0, requires = "lora_rank")]
     lora_dropout: f32,
+    /// QLoRA: store the frozen linear weights of the blocks as nf4 (4-bit NormalFloat, blocks of
+    /// 64 with one f32 scale each) and dequantise them inside the matmul kernels.
+    #[arg(long, value_name = "FORMAT", value_parser = ["nf4"], requires = "lora_rank")]
+    quantize: Option<String>,
 }
 
 impl LoraArgs {
@@ -116,7 +120,9 @@ impl LoraArgs {
     pub(crate) fn spec(&self) -> anyhow::Result<Option<LoraSpec>> {
         let Some(rank) = self.lora_rank else { return Ok(None) };
         let alpha = self.lora_alpha.unwrap_or(2.0 * rank as f32);
-        Ok(Some(LoraSpec::new(rank, alpha, self.lora_dropout, parse_targets(&self.lora_targets))?))
+        let mut spec = LoraSpec::new(rank, alpha, self.lora_dropout, parse_targets(&self.lora_targets))?;
+        spec.quantize_base = self.quantize.is_some();
+        Ok(Some(spec))
     }
 }
 

@@ -184,7 +184,7 @@ impl Gpu {
         let info = adapter.get_info();
         if info.device_type == wgpu::DeviceType::Cpu {
             log::warn!(
-                "using the software adapter `{}`: kernels run on the CPU and are much slower than on a GPU",
+                "using the software adapter `{}`: kernels run on the CPU and are much slower than on a GPU, and the first run on a machine spends a few minutes compiling them (later runs reuse the driver's shader cache)",
                 info.name
             );
         }

@@ -119,6 +119,16 @@ pub enum GpuError {
         /// The driver's message.
         message: String,
     },
+    /// A weight cannot be stored in the encoding the plan gives it.
+    #[error("weight `{name}` cannot be stored as {encoding}: {message}")]
+    WeightEncoding {
+        /// The weight.
+        name: String,
+        /// The encoding, such as NF4.
+        encoding: String,
+        /// Why not.
+        message: String,
+    },
 }
 
 /// An open device with its queue, limits and a cache of compiled kernels.

@@ -1,11 +1,11 @@
 //! Executor: buffers, pipelines and bind groups created once, a step replayed from one encoder.
 
-use super::ir::{chunk_shape, Op, TensorId};
+use super::ir::{chunk_shape, Op, ParamEncoding, TensorId};
 use super::plan::{Kernel, Plan, PlanOptions, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
-use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, gelu, layernorm, matmul, norm, pooling, residual};
+use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, gelu, layernorm, matmul, nf4, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
 use std::collections::HashMap;
 
@@ -156,11 +156,27 @@ impl<'g> Session<'g> {
     }
 
     fn upload_weights(&mut self, weights: &Weights) -> Result<(), GpuError> {
+        let mut quantized: HashMap<String, nf4::Nf4Matrix> = HashMap::new();
         for source in &self.plan.graph.params {
             let Some(buffer) = self.dedicated.get(&source.tensor) else { continue };
             let host = weights.get(&source.name).unwrap_or_else(|| {
                 panic!("weight `{}` missing after loading; the loader checks every expected name", source.name)
             });
+            if source.encoding != ParamEncoding::Plain {
+                if !quantized.contains_key(&source.name) {
+                    let (rows, cols) = (host.shape[0], host.shape[1..].iter().product());
+                    let matrix = nf4::quantize(&host.data, rows, cols, false)
+                        .map_err(|e| GpuError::WeightEncoding { name: source.name.clone(), encoding: "NF4".into(), message: e.to_string() })?;
+                    quantized.insert(source.name.clone(), matrix);
+                }
+                let matrix = &quantized[&source.name];
+                match (source.encoding, &matrix.scales) {
+                    (ParamEncoding::Nf4Codes, _) => self.gpu.write(buffer, 0, &matrix.packed),
+                    (ParamEncoding::Nf4Scales, nf4::Nf4Scales::Full(scales)) => self.gpu.write(buffer, 0, scales),
+                    (encoding, _) => unreachable!("{encoding:?} of `{}` with double-quantised scales", source.name),
+                }
+                continue;
+            }
             let row_len: usize = host.shape[1..].iter().product::<usize>().max(1);
             let start = source.row_offset * row_len;
             let end = start + source.rows * row_len;
@@ -492,6 +508,11 @@ impl<'g> Session<'g> {
                         )?);
                     }
                 }
+                Op::MatmulNf4 { rows, inner, cols, inp, codes, scales, bias, out: o } => {
+                    let shape = MatmulShape::new(*rows, *inner, *cols, WeightLayout::InOut);
+                    let weight = nf4::Nf4Weight { rows: *inner, cols: *cols, packed: b(*codes), scales: b(*scales), double_quant: None };
+                    out.push(nf4::forward(gpu, &format!("matmul nf4 {}", self.name(*codes)), shape, b(*inp), weight, bias.map(b), b(*o))?);
+                }
                 Op::Gelu { len, inp, out: o } => {
                     out.push(gelu::forward(gpu, &format!("gelu {}", self.name(*o)), *len, b(*inp), b(*o))?);
                 }
@@ -598,6 +619,10 @@ impl<'g> Session<'g> {
             }
             Kernel::Copy { len, src, dst, scale, accumulate } => {
                 out.push(residual::copy_or_accumulate(gpu, &format!("residual grad {}", self.name(*dst)), *len, *accumulate, *scale, b(*src), b(*dst))?);
+            }
+            Kernel::MatmulNf4Input { shape, dout, codes, scales, dinp, accumulate } => {
+                let weight = nf4::Nf4Weight { rows: shape.inner, cols: shape.cols, packed: b(*codes), scales: b(*scales), double_quant: None };
+                out.push(nf4::backward_input(gpu, &format!("matmul nf4 input grad {}", self.name(*dinp)), *shape, b(*dout), weight, b(*dinp), *accumulate)?);
             }
             Kernel::DropoutBackward { len, prob, seed, salt, dout, dinp, accumulate } => {
                 out.push(dropout::backward(

@@ -103,6 +103,9 @@ pub(crate) enum Op {
         bias: Option<TensorId>,
         out: TensorId,
     },
+    /// out (M,N) = inp (M,K) @ deq(W) + bias, with the frozen weight W (K,N) stored as NF4:
+    /// `codes` (K*N/8) u32 and one f32 scale per block of 64 in `scales` (K*N/64).
+    MatmulNf4 { rows: usize, inner: usize, cols: usize, inp: TensorId, codes: TensorId, scales: TensorId, bias: Option<TensorId>, out: TensorId },
     /// out = gelu(inp), tanh form.
     Gelu { len: usize, inp: TensorId, out: TensorId },
     /// out = a + scale * b; scale is 1 for the residual adds and alpha / r for a LoRA branch.
@@ -150,6 +153,11 @@ impl Op {
                 v.extend(bias.iter().copied());
                 v
             }
+            Op::MatmulNf4 { inp, codes, scales, bias, .. } => {
+                let mut v = vec![*inp, *codes, *scales];
+                v.extend(bias.iter().copied());
+                v
+            }
             Op::Gelu { inp, .. } => vec![*inp],
             Op::Add { a, b, .. } => vec![*a, *b],
             Op::Dropout { inp, seed, .. } => vec![*inp, *seed],
@@ -170,6 +178,7 @@ impl Op {
             Op::Embedding { out, .. } => vec![*out],
             Op::LayerNorm { out, mean, rstd, .. } => vec![*out, *mean, *rstd],
             Op::Matmul { out, .. } => vec![*out],
+            Op::MatmulNf4 { out, .. } => vec![*out],
             Op::Gelu { out, .. } => vec![*out],
             Op::Add { out, .. } => vec![*out],
             Op::Dropout { out, .. } => vec![*out],
@@ -189,6 +198,19 @@ pub(crate) struct ParamSource {
     pub name: String,
     pub row_offset: usize,
     pub rows: usize,
+    /// How the device tensor stores the weight's values.
+    pub encoding: ParamEncoding,
+}
+
+/// Storage of a parameter on the device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ParamEncoding {
+    /// f32 values as on the host.
+    Plain,
+    /// The 4-bit NF4 codes of the whole weight, 8 per u32 (see `kernels::nf4`).
+    Nf4Codes,
+    /// The f32 scale of each block of 64 values of an NF4 weight.
+    Nf4Scales,
 }
 
 /// A forward graph: tensors and ops in execution order.

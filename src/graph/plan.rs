@@ -52,6 +52,8 @@ pub(crate) enum Kernel {
     },
     AttentionBackward { shape: AttentionShape, dout: TensorId, qkv: TensorId, att: TensorId, datt: TensorId, dqkv: TensorId, accumulate: bool },
     DropoutBackward { len: usize, prob: f32, seed: TensorId, salt: u32, dout: TensorId, dinp: TensorId, accumulate: bool },
+    /// dinp (M,K) (+)= dout (M,N) @ deq(W)^T for an NF4 weight.
+    MatmulNf4Input { shape: MatmulShape, dout: TensorId, codes: TensorId, scales: TensorId, dinp: TensorId, accumulate: bool },
     /// dst (+)= scale * src.
     Copy { len: usize, src: TensorId, dst: TensorId, scale: f32, accumulate: bool },
     EmbeddingToken {
@@ -96,6 +98,7 @@ impl Kernel {
             }
             AttentionBackward { dout, qkv, att, datt, dqkv, .. } => vec![*dout, *qkv, *att, *datt, *dqkv],
             Copy { src, dst, .. } => vec![*src, *dst],
+            MatmulNf4Input { dout, codes, scales, dinp, .. } => vec![*dout, *codes, *scales, *dinp],
             DropoutBackward { seed, dout, dinp, .. } => vec![*seed, *dout, *dinp],
             EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
@@ -123,6 +126,9 @@ impl Kernel {
                 Op::Matmul { rows, inner, cols, bias, .. } => {
                     2 * (rows * inner * cols) as u64 + if bias.is_some() { (rows * cols) as u64 } else { 0 }
                 }
+                Op::MatmulNf4 { rows, inner, cols, bias, .. } => {
+                    2 * (rows * inner * cols) as u64 + if bias.is_some() { (rows * cols) as u64 } else { 0 }
+                }
                 Op::Gelu { len, .. } => 12 * *len as u64,
                 Op::Add { len, .. } => *len as u64,
                 Op::Dropout { len, .. } => *len as u64,
@@ -134,7 +140,7 @@ impl Kernel {
             XentBackward { rows, classes, .. } => 3 * (rows * classes) as u64,
             LmLossChunkGrad { shape, .. } => matmul(shape) + 3 * (shape.rows * shape.cols) as u64,
             PoolBackward { .. } => 0,
-            MatmulInput { shape, .. } | MatmulWeight { shape, .. } => matmul(shape),
+            MatmulInput { shape, .. } | MatmulWeight { shape, .. } | MatmulNf4Input { shape, .. } => matmul(shape),
             MatmulBias { shape, .. } => (shape.rows * shape.cols) as u64,
             GeluBackward { len, .. } => 16 * *len as u64,
             LayerNormInput { rows, channels, .. } => 10 * (rows * channels) as u64,
@@ -203,6 +209,10 @@ pub(crate) struct PlanOptions {
     /// Clip gradients by their global norm (adds the norm reduction kernels).
     pub clip: bool,
 }
+
+/// Name suffixes of the two device tensors of an NF4 weight.
+pub(crate) const NF4_CODES_SUFFIX: &str = ".nf4_codes";
+pub(crate) const NF4_SCALES_SUFFIX: &str = ".nf4_scales";
 
 /// The planned step: kernels in order with phase boundaries, and the storage of every tensor.
 #[derive(Debug)]
@@ -274,6 +284,9 @@ impl Plan {
         for (id, t) in self.graph.tensors.iter().enumerate() {
             match t.kind {
                 TensorKind::Param { trainable: true } => trainable_params += t.len() as u64,
+                // An NF4 weight counts its values once, through its codes (8 per u32).
+                TensorKind::Param { trainable: false } if t.name.ends_with(NF4_CODES_SUFFIX) => frozen_params += 8 * t.len() as u64,
+                TensorKind::Param { trainable: false } if t.name.ends_with(NF4_SCALES_SUFFIX) => {}
                 TensorKind::Param { trainable: false } => frozen_params += t.len() as u64,
                 _ => {}
             }

@@ -393,8 +393,8 @@ fn quantize_scales(scales: &[f32]) -> DoubleQuantScales {
 
 /// Returns the f32 weight (rows, cols) that `matrix` encodes, element by element as the kernels
 /// compute it: `NF4_CODES[code] * scale`.
-// NOTE: outside the tests nothing reads NF4 weights back on the host yet, hence the allows.
-#[allow(dead_code)]
+// NOTE: outside the tests only the QLoRA merge reads NF4 weights back, with full scales; the
+// inspection methods above keep their allows for that reason.
 pub(crate) fn dequantize(matrix: &Nf4Matrix) -> Vec<f32> {
     (0..matrix.rows * matrix.cols)
         .map(|index| NF4_CODES[usize::from(matrix.code(index))] * matrix.block_scale(index / BLOCK_SIZE))

@@ -1,6 +1,6 @@
 //! The GPT-2 forward graph for the language-model head and the classification head.
 
-use crate::graph::ir::{DType, Graph, Op, ParamSource, RowChunk, TensorId, TensorKind};
+use crate::graph::ir::{DType, Graph, Op, ParamEncoding, ParamSource, RowChunk, TensorId, TensorKind};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::WeightLayout;
 use crate::model::config::Gpt2Config;
@@ -102,7 +102,7 @@ impl Builder<'_> {
     fn param(&mut self, name: &str, shape: &[usize], part: Part) -> TensorId {
         let trainable = is_trainable(self.trainable, self.config.n_layer, part);
         let id = self.g.tensor(name, shape, DType::F32, TensorKind::Param { trainable });
-        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0] });
+        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0], encoding: ParamEncoding::Plain });
         id
     }
 
@@ -117,7 +117,7 @@ impl Builder<'_> {
             let n = rows_per_chunk.min(rows - offset);
             let chunk_name = if n == rows { name.to_string() } else { format!("{name}[{offset}..{}]", offset + n) };
             let id = self.g.tensor(chunk_name, &[n, cols], DType::F32, TensorKind::Param { trainable });
-            self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: offset, rows: n });
+            self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: offset, rows: n, encoding: ParamEncoding::Plain });
             chunks.push(RowChunk { tensor: id, row_offset: offset, rows: n });
             offset += n;
         }
@@ -139,17 +139,34 @@ impl Builder<'_> {
     /// Adds a trainable parameter that is not part of the base model (a LoRA matrix).
     fn adapter_param(&mut self, name: &str, shape: &[usize]) -> TensorId {
         let id = self.g.tensor(name, shape, DType::F32, TensorKind::Param { trainable: true });
-        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0] });
+        self.g.params.push(ParamSource { tensor: id, name: name.to_string(), row_offset: 0, rows: shape[0], encoding: ParamEncoding::Plain });
         id
     }
 
     /// Conv1D: out (rows, n_out) = inp (rows, n_in) @ weight (n_in, n_out) + bias, with a LoRA
     /// branch when the layer is targeted.
     fn conv1d(&mut self, prefix: &str, inp: TensorId, rows: usize, n_in: usize, n_out: usize, part: Part) -> TensorId {
-        let weight = self.param(&format!("{prefix}.weight"), &[n_in, n_out], part);
-        let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
         let lora = self.lora.filter(|spec| spec.targets_module(prefix));
         let base_name = if lora.is_some() { format!("{prefix}.base") } else { format!("{prefix}.out") };
+        if self.lora.is_some_and(|spec| spec.quantize_base) && !is_trainable(self.trainable, self.config.n_layer, part) {
+            // QLoRA: the frozen base weight is stored as NF4 and dequantised inside the kernel.
+            let name = format!("{prefix}.weight");
+            let numel = n_in * n_out;
+            let codes = self.g.tensor(format!("{name}{}", crate::graph::plan::NF4_CODES_SUFFIX), &[numel / 8], DType::U32, TensorKind::Param { trainable: false });
+            let scales = self.g.tensor(format!("{name}{}", crate::graph::plan::NF4_SCALES_SUFFIX), &[numel / 64], DType::F32, TensorKind::Param { trainable: false });
+            for (tensor, encoding) in [(codes, ParamEncoding::Nf4Codes), (scales, ParamEncoding::Nf4Scales)] {
+                self.g.params.push(ParamSource { tensor, name: name.clone(), row_offset: 0, rows: n_in, encoding });
+            }
+            let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
+            let out = self.g.activation(base_name, &[rows, n_out]);
+            self.g.push(Op::MatmulNf4 { rows, inner: n_in, cols: n_out, inp, codes, scales, bias: Some(bias), out });
+            return match lora {
+                Some(spec) => self.lora_branch(spec, prefix, inp, out, rows, n_in, n_out),
+                None => out,
+            };
+        }
+        let weight = self.param(&format!("{prefix}.weight"), &[n_in, n_out], part);
+        let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
         let out = self.g.activation(base_name, &[rows, n_out]);
         self.g.push(Op::Matmul {
             rows,

@@ -56,12 +56,12 @@ pub enum LoraError {
         /// Underlying error.
         source: std::io::Error,
     },
-    /// `adapter_config.json` is not valid or asks for something this engine does not do.
+    /// `adapter_config.json` is invalid or sets an option this engine does not implement.
     #[error("`{}`: {message}", .path.display())]
     Config {
         /// The adapter_config.json.
         path: PathBuf,
-        /// What is wrong and what to do.
+        /// The problem and the next step.
         message: String,
     },
     /// A tensor of `adapter_model.safetensors` is missing, unknown, or has another shape than
@@ -70,7 +70,7 @@ pub enum LoraError {
     Tensor {
         /// The adapter_model.safetensors.
         path: PathBuf,
-        /// What is wrong and what to do.
+        /// The problem and the next step.
         message: String,
     },
     /// The safetensors file itself is unreadable.
@@ -92,9 +92,13 @@ pub struct LoraSpec {
     pub targets: Targets,
     /// Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.
     pub rslora: bool,
+    /// QLoRA: store the frozen linear weights of every block as NF4 (4-bit NormalFloat in blocks
+    /// of 64 with one f32 scale each), dequantised inside the matmul kernels. A run setting,
+    /// not part of the adapter file.
+    pub quantize_base: bool,
 }
 
-/// How `target_modules` names layers: PEFT accepts a list of names or one regular expression.
+/// Layer selection of `target_modules`: PEFT accepts a list of names or one regular expression.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Targets {
     /// Names matched as whole names or dotted suffixes.
@@ -168,10 +172,11 @@ impl LoraSpec {
             }
             Targets::Names(_) => {}
         }
-        Ok(LoraSpec { rank, alpha, dropout, targets, rslora: false })
+        Ok(LoraSpec { rank, alpha, dropout, targets, rslora: false, quantize_base: false })
     }
 
-    /// The factor on the LoRA branch: alpha / r, or alpha / sqrt(r) with rank-stabilised scaling.
+    /// Returns the factor on the LoRA branch: alpha / r, or alpha / sqrt(r) with rank-stabilised
+    /// scaling.
     pub fn scaling(&self) -> f32 {
         if self.rslora {
             self.alpha / (self.rank as f32).sqrt()
@@ -192,7 +197,7 @@ impl LoraSpec {
         }
     }
 
-    /// The targeted layers of a model, in block order.
+    /// Returns the targeted layers of a model, in block order.
     ///
     /// # Errors
     /// [`LoraError::Invalid`] when a target matches no layer, naming the layers there are.
@@ -253,13 +258,52 @@ fn linear_shape(config: &Gpt2Config, linear: &str) -> (usize, usize) {
     }
 }
 
+/// Checks that every linear layer of the blocks can be stored as NF4 (`--quantize nf4`): its
+/// output width must be a multiple of the 64-value block.
+///
+/// # Errors
+/// [`LoraError::Invalid`] naming the first layer that cannot.
+pub fn check_quantizable(config: &Gpt2Config) -> Result<(), LoraError> {
+    for linear in BLOCK_LINEARS {
+        let (n_in, n_out) = linear_shape(config, linear);
+        if n_out % crate::kernels::nf4::BLOCK_SIZE != 0 {
+            return Err(LoraError::Invalid(format!(
+                "--quantize nf4 stores weights in blocks of {} values along each row, but {linear} is ({n_in}, {n_out}); use a model whose n_embd is a multiple of 64, or drop --quantize",
+                crate::kernels::nf4::BLOCK_SIZE
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Returns the weights a QLoRA run computes with: every linear weight of the blocks replaced by its NF4
+/// round trip (quantised, then dequantised), so that merging an adapter trained on the quantised
+/// base reproduces the trained model.
+///
+/// # Errors
+/// [`LoraError::Invalid`] for a shape or value that NF4 cannot store.
+pub fn dequantized_base(weights: &Weights, config: &Gpt2Config) -> Result<Weights, LoraError> {
+    let mut out = weights.clone();
+    for i in 0..config.n_layer {
+        for linear in BLOCK_LINEARS {
+            let name = format!("h.{i}.{linear}.weight");
+            let Some(tensor) = out.get_mut(&name) else { continue };
+            let (rows, cols) = (tensor.shape[0], tensor.shape[1..].iter().product());
+            let matrix = crate::kernels::nf4::quantize(&tensor.data, rows, cols, false)
+                .map_err(|e| LoraError::Invalid(format!("cannot store `{name}` as NF4: {e}")))?;
+            tensor.data = crate::kernels::nf4::dequantize(&matrix);
+        }
+    }
+    Ok(out)
+}
+
 /// Parses `--lora-targets`: a comma-separated list of module names.
 pub fn parse_targets(list: &str) -> Targets {
     Targets::Names(list.split(',').map(|t| t.trim().to_string()).collect())
 }
 
-/// A fresh adapter: A drawn from U(-1/sqrt(in), 1/sqrt(in)) (Kaiming-uniform with a = sqrt(5),
-/// as PEFT initialises it) and B zero, so the adapted model starts equal to the base model.
+/// Creates a fresh adapter: A drawn from U(-1/sqrt(in), 1/sqrt(in)) (Kaiming-uniform with
+/// a = sqrt(5), as PEFT initialises it) and B zero, so the adapted model starts equal to the base.
 pub fn init_adapter(spec: &LoraSpec, modules: &[LoraModule], seed: u64) -> Weights {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4c6f_5241);
     let mut weights = Weights::default();
@@ -410,9 +454,9 @@ pub fn save_adapter(
     write_atomic(&path, &file).map_err(|source| LoraError::Io { path, source })
 }
 
-/// The safetensors encoding of F32 tensors with a header whose keys are sorted, so that equal
-/// tensors always give equal files (the safetensors crate writes its metadata map in hash
-/// order): an 8-byte little-endian header length, the JSON header padded with spaces to a
+/// Encodes F32 tensors as safetensors with sorted header keys, so that equal tensors give equal
+/// files. The safetensors crate writes its metadata map in hash order, which varies by process.
+/// Layout: an 8-byte little-endian header length, the JSON header padded with spaces to a
 /// multiple of 8 bytes, then the tensors' bytes in name order.
 fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<u8>)], metadata: serde_json::Map<String, Value>) -> Vec<u8> {
     let mut order: Vec<&(String, Vec<usize>, Vec<u8>)> = tensors.iter().collect();
@@ -642,7 +686,7 @@ pub fn open_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MergedMo
             let model = open_classifier(base_dir, labels.len(), 0)?;
             if model.random_init || (model.new_head && head_rows.is_none()) {
                 return Err(MergeError::Lora(LoraError::Invalid(format!(
-                    "neither {} nor the adapter in {} holds trained weights for the classification head; pass the base model the adapter was trained on",
+                    "the classification head is missing: neither {} nor the adapter in {} contains trained score weights; pass the base model the adapter was trained on",
                     base_dir.display(),
                     adapter_dir.display()
                 ))));
@@ -802,11 +846,13 @@ mod tests {
         let mut wider = config.clone();
         wider.n_embd *= 2;
         let err = load_adapter(dir.path(), &wider, None).unwrap_err().to_string();
-        assert!(err.contains("h.0.attn.c_attn.lora_A.weight") && err.contains("another base model"), "{err}");
+        assert!(err.contains("h.0.attn.c_attn.lora_A.weight"), "{err}");
+        assert!(err.contains("another base model"), "{err}");
         let mut shallower = config.clone();
         shallower.n_layer = 1;
         let err = load_adapter(dir.path(), &shallower, None).unwrap_err().to_string();
-        assert!(err.contains("h.1.attn.c_attn") && err.contains("another base model"), "{err}");
+        assert!(err.contains("h.1.attn.c_attn"), "{err}");
+        assert!(err.contains("another base model"), "{err}");
     }
 
     #[test]

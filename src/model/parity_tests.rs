@@ -444,3 +444,58 @@ fn fresh_lora_reproduces_the_base_model_exactly() {
     assert!(grad_a.iter().all(|&g| g == 0.0), "gradient of {a} must be zero while B is zero");
     assert!(grad_b.iter().any(|&g| g != 0.0), "gradient of {b} must not vanish");
 }
+
+/// QLoRA computes what plain LoRA computes on the NF4 round trip of the base weights: the
+/// quantised kernels only change where the weights come from.
+#[test]
+fn qlora_matches_lora_on_the_dequantized_base() {
+    use crate::model::lora::{dequantized_base, init_adapter, parse_targets, LoraSpec};
+    use rand::{Rng, SeedableRng};
+    let Some(gpu) = test_gpu() else { return };
+    let mut config = Gpt2Config::mini();
+    config.n_layer = 2;
+    config.n_embd = 64;
+    config.n_head = 2;
+    let head = Head::Classifier { num_labels: 3 };
+    let mut weights = weights::init_random(&config, HeadKind::Classifier { num_labels: 3 }, 11).unwrap();
+    let mut spec = LoraSpec::new(4, 8.0, 0.0, parse_targets("c_attn,c_proj,c_fc")).unwrap();
+    let modules = spec.modules(&config).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    for (name, mut tensor) in init_adapter(&spec, &modules, 5).tensors {
+        tensor.data.iter_mut().for_each(|v| *v += rng.random_range(-0.2f32..0.2));
+        weights.insert(name, tensor);
+    }
+    let shape = BatchShape { batch: 3, seq_len: 16 };
+    let ids: Vec<u32> = (0..48).map(|_| rng.random_range(0..50257)).collect();
+    let inputs = (ids, vec![16u32, 9, 1], vec![2i32, 0, 1]);
+    let max_binding = gpu.limits().max_storage_buffer_binding_size;
+    let run = |spec: &LoraSpec, weights: &Weights| {
+        let graph = crate::model::gpt2::build_graph_with_lora(&config, head, shape, Trainable::Head, Some(spec), max_binding);
+        let mut s = Session::new(gpu, graph, weights, true, settings()).expect("session builds");
+        s.set_inputs(&StepInputs { ids: &inputs.0, lengths: &inputs.1, targets: &inputs.2 });
+        s.submit(true, None, 1.0).expect("step runs");
+        let logits = s.read_logits().expect("logits read");
+        let summary = s.summary();
+        let grads: Vec<(String, Vec<f32>)> = weights
+            .tensors
+            .iter()
+            .filter_map(|(name, t)| s.read_param_state(name, ".grad", t.numel()).expect("gradient reads").map(|g| (name.clone(), g)))
+            .collect();
+        (logits, grads, summary)
+    };
+    let (lora_logits, lora_grads, lora_plan) = run(&spec, &dequantized_base(&weights, &config).unwrap());
+    spec.quantize_base = true;
+    let (q_logits, q_grads, q_plan) = run(&spec, &weights);
+    let to64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    assert_close("QLoRA logits against LoRA on the dequantised base", &q_logits, &to64(&lora_logits), 1e-5, 1e-4);
+    assert_eq!(q_grads.len(), 17, "16 LoRA matrices and the head have gradients, nothing else");
+    for ((name, q), (lora_name, want)) in q_grads.iter().zip(&lora_grads) {
+        assert_eq!(name, lora_name);
+        let want = to64(want);
+        assert_close(&format!("QLoRA gradient of {name}"), q, &want, GRAD_ATOL_OF_MAX * max_abs(&want), GRAD_RTOL);
+    }
+    assert_eq!(q_plan.frozen_params, lora_plan.frozen_params, "NF4 weights count their values once");
+    // Each block's 4 linear weights (12 C^2 values) go from 32 to 4.5 bits.
+    let linear_values = (12 * config.n_embd * config.n_embd * config.n_layer) as u64;
+    assert_eq!(lora_plan.param_bytes - q_plan.param_bytes, linear_values * 4 - linear_values / 2 - linear_values / 16);
+}

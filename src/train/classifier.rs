@@ -352,6 +352,9 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
                     config.trainable
                 )));
             }
+            if spec.quantize_base {
+                lora::check_quantizable(&model.config)?;
+            }
             Some(spec.modules(&model.config)?)
         }
         None => None,
@@ -568,7 +571,8 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             // The adapter in PEFT's format, and the model with it merged, which loads anywhere.
             let dir = config.out_dir.join("adapter");
             lora::save_adapter(&dir, spec, modules, &weights_host, base, Some(labels))?;
-            let mut merged = model.weights.clone();
+            // A QLoRA adapter was trained against the NF4 base, so it merges into that.
+            let mut merged = if spec.quantize_base { lora::dequantized_base(&model.weights, &model.config)? } else { model.weights.clone() };
             lora::merge(&mut merged, spec, modules, &weights_host)?;
             save_classifier(&model_out, &model, &merged, &labels)?;
             Some(dir.display().to_string())
@@ -606,7 +610,13 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             trainable_parameters: summary.trainable_params,
             frozen_parameters: summary.frozen_params,
             train: match &config.lora {
-                Some(spec) => format!("lora r={} alpha={} targets={}", spec.rank, spec.alpha, spec.targets),
+                Some(spec) => format!(
+                    "{} r={} alpha={} targets={}",
+                    if spec.quantize_base { "qlora nf4" } else { "lora" },
+                    spec.rank,
+                    spec.alpha,
+                    spec.targets
+                ),
                 None => config.trainable.to_string(),
             },
             steps: step,

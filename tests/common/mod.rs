@@ -26,10 +26,17 @@ pub fn shadertune() -> Command {
 /// Writes a GPT-2-shaped config small enough to train in seconds on lavapipe (1 layer, 2 heads,
 /// 32 channels, 64 positions), without weights.
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    let model = dir.join("tiny-model");
+    tiny_model_of_width(dir, "tiny-model", 32)
+}
+
+/// Writes the config of [`tiny_model`] with `n_embd` channels into `dir/name`.
+pub fn tiny_model_of_width(dir: &Path, name: &str, n_embd: usize) -> PathBuf {
+    let model = dir.join(name);
     std::fs::create_dir_all(&model).unwrap();
-    let config = r#"{"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 64,
-        "vocab_size": 50257, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}"#;
+    let config = format!(
+        r#"{{"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": {n_embd}, "n_positions": 64,
+        "vocab_size": 50257, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"}}"#
+    );
     std::fs::write(model.join("config.json"), config).unwrap();
     model
 }
