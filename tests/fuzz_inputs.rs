@@ -1,5 +1,5 @@
 //! Property tests that feed arbitrary bytes and mutated files to every reader of user files:
-//! labelled data, `config.json`, `model.safetensors` and training checkpoints.
+//! labelled data, `config.json`, `model.safetensors`, training checkpoints and LoRA adapters.
 //!
 //! Each reader must return `Ok` or `Err` and never panic, and no single allocation may exceed
 //! [`allocation_limit`] of the input size, so a header that claims a huge size is rejected
@@ -990,6 +990,62 @@ fn checkpoint_loader_survives_mutated_files() {
                 Ok(())
             }
         }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// LoRA adapters
+// ---------------------------------------------------------------------------------------------
+
+/// Fields of `adapter_config.json` that the adapter loader interprets.
+const ADAPTER_FIELDS: [&str; 12] = [
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
+    "rank_pattern", "layers_to_transform", "modules_to_save", "base_model_name_or_path",
+];
+
+/// A PEFT adapter: its config with changed fields and byte edits, and its tensor file with byte
+/// edits.
+fn adapter_input() -> impl Strategy<Value = (Vec<(&'static str, Option<Value>)>, Vec<Edit>, Vec<Edit>)> {
+    let change = (prop::sample::select(ADAPTER_FIELDS.to_vec()), prop::option::weighted(0.85, json_value()));
+    (prop_oneof![Just(Vec::new()), prop::collection::vec(change, 1..4)], few_edits(), few_edits())
+}
+
+#[test]
+fn adapter_loader_survives_mutated_files() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let config = Gpt2Config::from_file(&fixtures.join("tiny_cls/config.json")).unwrap();
+    let template_config: Value = serde_json::from_slice(&std::fs::read(fixtures.join("tiny_cls_lora/adapter_config.json")).unwrap()).unwrap();
+    let template_tensors = std::fs::read(fixtures.join("tiny_cls_lora/adapter_model.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    check_property("adapter loader", 600, adapter_input(), |(changes, config_edits, tensor_edits)| {
+        let mut adapter_config = template_config.clone();
+        let fields = adapter_config.as_object_mut().unwrap();
+        for (field, value) in changes {
+            match value {
+                Some(value) => fields.insert(field.to_string(), value),
+                None => fields.remove(field),
+            };
+        }
+        let mut config_bytes = adapter_config.to_string().into_bytes();
+        apply_edits(&mut config_bytes, &config_edits);
+        let mut tensor_bytes = template_tensors.clone();
+        apply_edits(&mut tensor_bytes, &tensor_edits);
+        std::fs::write(dir.path().join("adapter_config.json"), &config_bytes).unwrap();
+        std::fs::write(dir.path().join("adapter_model.safetensors"), &tensor_bytes).unwrap();
+        let input_bytes = config_bytes.len() + tensor_bytes.len();
+        let (result, largest) = with_largest_allocation(|| shadertune::model::lora::load_adapter(dir.path(), &config, Some(3)));
+        check_allocation(largest, input_bytes)?;
+        if let Ok(adapter) = result {
+            note_accepted();
+            let r = adapter.spec.rank;
+            for m in &adapter.modules {
+                let a = adapter.weights.get(&m.a_name());
+                let b = adapter.weights.get(&m.b_name());
+                prop_assert!(a.is_some_and(|t| t.shape == [r, m.n_in]), "A of `{}` is missing or mis-shaped", m.prefix);
+                prop_assert!(b.is_some_and(|t| t.shape == [m.n_out, r]), "B of `{}` is missing or mis-shaped", m.prefix);
+            }
+        }
+        Ok(())
     });
 }
 

@@ -129,7 +129,7 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
             full.peak_bytes as f64 / MIB
         );
         if spec.quantize_base {
-            let unquantized = shadertune::model::lora::LoraSpec { quantize_base: false, ..spec.clone() };
+            let unquantized = shadertune::model::lora::LoraSpec { quantize_base: false, double_quant: false, ..spec.clone() };
             let plain = plan_summary(&config, head, shape, Trainable::Head, Some(&unquantized), args.clip, max_binding);
             println!(
                 "nf4 base weights: {:.1} MiB of parameters instead of {:.1} MiB with f32 LoRA",

@@ -110,8 +110,9 @@ pub(crate) struct LoraArgs {
     #[arg(long, value_name = "P", default_value_t = 0.0, requires = "lora_rank")]
     lora_dropout: f32,
     /// QLoRA: store the frozen linear weights of the blocks as nf4 (4-bit NormalFloat, blocks of
-    /// 64 with one f32 scale each) and dequantise them inside the matmul kernels.
-    #[arg(long, value_name = "FORMAT", value_parser = ["nf4"], requires = "lora_rank")]
+    /// 64 with one f32 scale each) and dequantise them inside the matmul kernels; nf4-dq also
+    /// quantises the scales to 8 bits (double quantisation).
+    #[arg(long, value_name = "FORMAT", value_parser = ["nf4", "nf4-dq"], requires = "lora_rank")]
     quantize: Option<String>,
 }
 
@@ -122,6 +123,7 @@ impl LoraArgs {
         let alpha = self.lora_alpha.unwrap_or(2.0 * rank as f32);
         let mut spec = LoraSpec::new(rank, alpha, self.lora_dropout, parse_targets(&self.lora_targets))?;
         spec.quantize_base = self.quantize.is_some();
+        spec.double_quant = self.quantize.as_deref() == Some("nf4-dq");
         Ok(Some(spec))
     }
 }

@@ -147,13 +147,13 @@ pub(crate) fn differentiate(graph: &mut Graph) -> Backward {
                     }
                 }
             }
-            Op::MatmulNf4 { rows, inner, cols, inp, codes, scales, bias, out } => {
+            Op::MatmulNf4 { rows, inner, cols, inp, codes, scales, steps, bias, out } => {
                 assert!(bias.is_none_or(|b| !g.graph.is_trainable(b)), "an NF4 layer is frozen, its bias too");
                 if needs[*inp] && g.has_grad(*out) {
                     let dout = g.grad(*out);
                     let (dinp, accumulate) = g.target(*inp);
                     let shape = MatmulShape::new(*rows, *inner, *cols, WeightLayout::InOut);
-                    kernels.push(Kernel::MatmulNf4Input { shape, dout, codes: *codes, scales: *scales, dinp, accumulate });
+                    kernels.push(Kernel::MatmulNf4Input { shape, dout, codes: *codes, scales: *scales, steps: *steps, dinp, accumulate });
                 }
             }
             Op::Gelu { len, inp, out } => {

@@ -83,6 +83,8 @@ pub struct Session<'g> {
     dropout_seed: u64,
     /// Training micro-batches since the last optimizer update.
     micro_batches: u64,
+    /// Mean of the block scales of each double-quantised NF4 weight, by its codes tensor.
+    nf4_means: HashMap<TensorId, f32>,
 }
 
 impl<'g> Session<'g> {
@@ -134,6 +136,7 @@ impl<'g> Session<'g> {
             by_name,
             dropout_seed: 0,
             micro_batches: 0,
+            nf4_means: HashMap::new(),
         };
         session.upload_weights(weights)?;
         session.build_dispatches()?;
@@ -165,14 +168,22 @@ impl<'g> Session<'g> {
             if source.encoding != ParamEncoding::Plain {
                 if !quantized.contains_key(&source.name) {
                     let (rows, cols) = (host.shape[0], host.shape[1..].iter().product());
-                    let matrix = nf4::quantize(&host.data, rows, cols, false)
+                    let double_quant = self.plan.graph.params.iter().any(|p| p.name == source.name && p.encoding == ParamEncoding::Nf4ScaleCodes);
+                    let matrix = nf4::quantize(&host.data, rows, cols, double_quant)
                         .map_err(|e| GpuError::WeightEncoding { name: source.name.clone(), encoding: "NF4".into(), message: e.to_string() })?;
                     quantized.insert(source.name.clone(), matrix);
                 }
                 let matrix = &quantized[&source.name];
                 match (source.encoding, &matrix.scales) {
-                    (ParamEncoding::Nf4Codes, _) => self.gpu.write(buffer, 0, &matrix.packed),
+                    (ParamEncoding::Nf4Codes, scales) => {
+                        self.gpu.write(buffer, 0, &matrix.packed);
+                        if let nf4::Nf4Scales::Double(double) = scales {
+                            self.nf4_means.insert(source.tensor, double.mean);
+                        }
+                    }
                     (ParamEncoding::Nf4Scales, nf4::Nf4Scales::Full(scales)) => self.gpu.write(buffer, 0, scales),
+                    (ParamEncoding::Nf4ScaleCodes, nf4::Nf4Scales::Double(double)) => self.gpu.write(buffer, 0, &double.packed_codes()),
+                    (ParamEncoding::Nf4ScaleSteps, nf4::Nf4Scales::Double(double)) => self.gpu.write(buffer, 0, &double.steps),
                     (encoding, _) => unreachable!("{encoding:?} of `{}` with double-quantised scales", source.name),
                 }
                 continue;
@@ -457,6 +468,12 @@ impl<'g> Session<'g> {
         &self.plan.graph.tensors[t].name
     }
 
+    /// The bindings of an NF4 weight (K, N) with the mean recorded when its scales were uploaded.
+    fn nf4_weight(&self, rows: usize, cols: usize, codes: TensorId, scales: TensorId, steps: Option<TensorId>) -> nf4::Nf4Weight<'_> {
+        let double_quant = steps.map(|steps| nf4::DoubleQuantBinding { steps: self.binding(steps), mean: self.nf4_means.get(&codes).copied().unwrap_or(0.0) });
+        nf4::Nf4Weight { rows, cols, packed: self.binding(codes), scales: self.binding(scales), double_quant }
+    }
+
     fn kernel_dispatches(&self, kernel: &Kernel, out: &mut Vec<Dispatch>) -> Result<(), GpuError> {
         let gpu = self.gpu;
         let b = |t: TensorId| self.binding(t);
@@ -508,9 +525,9 @@ impl<'g> Session<'g> {
                         )?);
                     }
                 }
-                Op::MatmulNf4 { rows, inner, cols, inp, codes, scales, bias, out: o } => {
+                Op::MatmulNf4 { rows, inner, cols, inp, codes, scales, steps, bias, out: o } => {
                     let shape = MatmulShape::new(*rows, *inner, *cols, WeightLayout::InOut);
-                    let weight = nf4::Nf4Weight { rows: *inner, cols: *cols, packed: b(*codes), scales: b(*scales), double_quant: None };
+                    let weight = self.nf4_weight(*inner, *cols, *codes, *scales, *steps);
                     out.push(nf4::forward(gpu, &format!("matmul nf4 {}", self.name(*codes)), shape, b(*inp), weight, bias.map(b), b(*o))?);
                 }
                 Op::Gelu { len, inp, out: o } => {
@@ -620,8 +637,8 @@ impl<'g> Session<'g> {
             Kernel::Copy { len, src, dst, scale, accumulate } => {
                 out.push(residual::copy_or_accumulate(gpu, &format!("residual grad {}", self.name(*dst)), *len, *accumulate, *scale, b(*src), b(*dst))?);
             }
-            Kernel::MatmulNf4Input { shape, dout, codes, scales, dinp, accumulate } => {
-                let weight = nf4::Nf4Weight { rows: shape.inner, cols: shape.cols, packed: b(*codes), scales: b(*scales), double_quant: None };
+            Kernel::MatmulNf4Input { shape, dout, codes, scales, steps, dinp, accumulate } => {
+                let weight = self.nf4_weight(shape.inner, shape.cols, *codes, *scales, *steps);
                 out.push(nf4::backward_input(gpu, &format!("matmul nf4 input grad {}", self.name(*dinp)), *shape, b(*dout), weight, b(*dinp), *accumulate)?);
             }
             Kernel::DropoutBackward { len, prob, seed, salt, dout, dinp, accumulate } => {

@@ -104,8 +104,19 @@ pub(crate) enum Op {
         out: TensorId,
     },
     /// out (M,N) = inp (M,K) @ deq(W) + bias, with the frozen weight W (K,N) stored as NF4:
-    /// `codes` (K*N/8) u32 and one f32 scale per block of 64 in `scales` (K*N/64).
-    MatmulNf4 { rows: usize, inner: usize, cols: usize, inp: TensorId, codes: TensorId, scales: TensorId, bias: Option<TensorId>, out: TensorId },
+    /// `codes` (K*N/8) u32 and one f32 scale per block of 64 in `scales` (K*N/64), or with
+    /// double quantisation 8-bit scale codes in `scales` and one f32 step per 256 blocks in `steps`.
+    MatmulNf4 {
+        rows: usize,
+        inner: usize,
+        cols: usize,
+        inp: TensorId,
+        codes: TensorId,
+        scales: TensorId,
+        steps: Option<TensorId>,
+        bias: Option<TensorId>,
+        out: TensorId,
+    },
     /// out = gelu(inp), tanh form.
     Gelu { len: usize, inp: TensorId, out: TensorId },
     /// out = a + scale * b; scale is 1 for the residual adds and alpha / r for a LoRA branch.
@@ -153,8 +164,9 @@ impl Op {
                 v.extend(bias.iter().copied());
                 v
             }
-            Op::MatmulNf4 { inp, codes, scales, bias, .. } => {
+            Op::MatmulNf4 { inp, codes, scales, steps, bias, .. } => {
                 let mut v = vec![*inp, *codes, *scales];
+                v.extend(steps.iter().copied());
                 v.extend(bias.iter().copied());
                 v
             }
@@ -211,6 +223,10 @@ pub(crate) enum ParamEncoding {
     Nf4Codes,
     /// The f32 scale of each block of 64 values of an NF4 weight.
     Nf4Scales,
+    /// The 8-bit codes of double-quantised block scales, 4 per u32.
+    Nf4ScaleCodes,
+    /// The f32 step of each group of 256 double-quantised block scales.
+    Nf4ScaleSteps,
 }
 
 /// A forward graph: tensors and ops in execution order.

@@ -53,7 +53,7 @@ pub(crate) enum Kernel {
     AttentionBackward { shape: AttentionShape, dout: TensorId, qkv: TensorId, att: TensorId, datt: TensorId, dqkv: TensorId, accumulate: bool },
     DropoutBackward { len: usize, prob: f32, seed: TensorId, salt: u32, dout: TensorId, dinp: TensorId, accumulate: bool },
     /// dinp (M,K) (+)= dout (M,N) @ deq(W)^T for an NF4 weight.
-    MatmulNf4Input { shape: MatmulShape, dout: TensorId, codes: TensorId, scales: TensorId, dinp: TensorId, accumulate: bool },
+    MatmulNf4Input { shape: MatmulShape, dout: TensorId, codes: TensorId, scales: TensorId, steps: Option<TensorId>, dinp: TensorId, accumulate: bool },
     /// dst (+)= scale * src.
     Copy { len: usize, src: TensorId, dst: TensorId, scale: f32, accumulate: bool },
     EmbeddingToken {
@@ -98,7 +98,11 @@ impl Kernel {
             }
             AttentionBackward { dout, qkv, att, datt, dqkv, .. } => vec![*dout, *qkv, *att, *datt, *dqkv],
             Copy { src, dst, .. } => vec![*src, *dst],
-            MatmulNf4Input { dout, codes, scales, dinp, .. } => vec![*dout, *codes, *scales, *dinp],
+            MatmulNf4Input { dout, codes, scales, steps, dinp, .. } => {
+                let mut v = vec![*dout, *codes, *scales, *dinp];
+                v.extend(steps.iter().copied());
+                v
+            }
             DropoutBackward { seed, dout, dinp, .. } => vec![*seed, *dout, *dinp],
             EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
@@ -213,6 +217,10 @@ pub(crate) struct PlanOptions {
 /// Name suffixes of the two device tensors of an NF4 weight.
 pub(crate) const NF4_CODES_SUFFIX: &str = ".nf4_codes";
 pub(crate) const NF4_SCALES_SUFFIX: &str = ".nf4_scales";
+pub(crate) const NF4_SCALE_CODES_SUFFIX: &str = ".nf4_scale_codes";
+pub(crate) const NF4_SCALE_STEPS_SUFFIX: &str = ".nf4_scale_steps";
+/// Part of the name of every tensor that holds NF4 block scales, double-quantised or not.
+const NF4_SCALES_MARK: &str = ".nf4_scale";
 
 /// The planned step: kernels in order with phase boundaries, and the storage of every tensor.
 #[derive(Debug)]
@@ -286,7 +294,7 @@ impl Plan {
                 TensorKind::Param { trainable: true } => trainable_params += t.len() as u64,
                 // An NF4 weight counts its values once, through its codes (8 per u32).
                 TensorKind::Param { trainable: false } if t.name.ends_with(NF4_CODES_SUFFIX) => frozen_params += 8 * t.len() as u64,
-                TensorKind::Param { trainable: false } if t.name.ends_with(NF4_SCALES_SUFFIX) => {}
+                TensorKind::Param { trainable: false } if t.name.contains(NF4_SCALES_MARK) => {}
                 TensorKind::Param { trainable: false } => frozen_params += t.len() as u64,
                 _ => {}
             }

@@ -190,7 +190,7 @@ impl DoubleQuantScales {
 
     /// Packs the codes four per u32 as the kernels read them: code b is byte `b % 4` (bits
     /// `8 * (b % 4)` up) of word `b / 4`.
-    fn packed_codes(&self) -> Vec<u32> {
+    pub(crate) fn packed_codes(&self) -> Vec<u32> {
         self.codes
             .chunks(4)
             .map(|chunk| {

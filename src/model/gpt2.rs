@@ -152,14 +152,28 @@ impl Builder<'_> {
             // QLoRA: the frozen base weight is stored as NF4 and dequantised inside the kernel.
             let name = format!("{prefix}.weight");
             let numel = n_in * n_out;
-            let codes = self.g.tensor(format!("{name}{}", crate::graph::plan::NF4_CODES_SUFFIX), &[numel / 8], DType::U32, TensorKind::Param { trainable: false });
-            let scales = self.g.tensor(format!("{name}{}", crate::graph::plan::NF4_SCALES_SUFFIX), &[numel / 64], DType::F32, TensorKind::Param { trainable: false });
-            for (tensor, encoding) in [(codes, ParamEncoding::Nf4Codes), (scales, ParamEncoding::Nf4Scales)] {
+            use crate::graph::plan::{NF4_CODES_SUFFIX, NF4_SCALES_SUFFIX, NF4_SCALE_CODES_SUFFIX, NF4_SCALE_STEPS_SUFFIX};
+            use crate::kernels::nf4::{BLOCK_SIZE, GROUP_BLOCKS};
+            let frozen = TensorKind::Param { trainable: false };
+            let blocks = numel / BLOCK_SIZE;
+            let codes = self.g.tensor(format!("{name}{NF4_CODES_SUFFIX}"), &[numel / 8], DType::U32, frozen);
+            let mut sources = vec![(codes, ParamEncoding::Nf4Codes)];
+            let (scales, steps) = if self.lora.is_some_and(|spec| spec.double_quant) {
+                let scales = self.g.tensor(format!("{name}{NF4_SCALE_CODES_SUFFIX}"), &[blocks.div_ceil(4)], DType::U32, frozen);
+                let steps = self.g.tensor(format!("{name}{NF4_SCALE_STEPS_SUFFIX}"), &[blocks.div_ceil(GROUP_BLOCKS)], DType::F32, frozen);
+                sources.extend([(scales, ParamEncoding::Nf4ScaleCodes), (steps, ParamEncoding::Nf4ScaleSteps)]);
+                (scales, Some(steps))
+            } else {
+                let scales = self.g.tensor(format!("{name}{NF4_SCALES_SUFFIX}"), &[blocks], DType::F32, frozen);
+                sources.push((scales, ParamEncoding::Nf4Scales));
+                (scales, None)
+            };
+            for (tensor, encoding) in sources {
                 self.g.params.push(ParamSource { tensor, name: name.clone(), row_offset: 0, rows: n_in, encoding });
             }
             let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
             let out = self.g.activation(base_name, &[rows, n_out]);
-            self.g.push(Op::MatmulNf4 { rows, inner: n_in, cols: n_out, inp, codes, scales, bias: Some(bias), out });
+            self.g.push(Op::MatmulNf4 { rows, inner: n_in, cols: n_out, inp, codes, scales, steps, bias: Some(bias), out });
             return match lora {
                 Some(spec) => self.lora_branch(spec, prefix, inp, out, rows, n_in, n_out),
                 None => out,

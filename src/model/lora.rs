@@ -96,6 +96,9 @@ pub struct LoraSpec {
     /// of 64 with one f32 scale each), dequantised inside the matmul kernels. A run setting,
     /// not part of the adapter file.
     pub quantize_base: bool,
+    /// With `quantize_base`, also quantise the block scales (8-bit codes per group of 256
+    /// blocks), which lowers the weights from 4.5 to about 4.13 bits per value.
+    pub double_quant: bool,
 }
 
 /// Layer selection of `target_modules`: PEFT accepts a list of names or one regular expression.
@@ -172,7 +175,7 @@ impl LoraSpec {
             }
             Targets::Names(_) => {}
         }
-        Ok(LoraSpec { rank, alpha, dropout, targets, rslora: false, quantize_base: false })
+        Ok(LoraSpec { rank, alpha, dropout, targets, rslora: false, quantize_base: false, double_quant: false })
     }
 
     /// Returns the factor on the LoRA branch: alpha / r, or alpha / sqrt(r) with rank-stabilised
@@ -282,14 +285,14 @@ pub fn check_quantizable(config: &Gpt2Config) -> Result<(), LoraError> {
 ///
 /// # Errors
 /// [`LoraError::Invalid`] for a shape or value that NF4 cannot store.
-pub fn dequantized_base(weights: &Weights, config: &Gpt2Config) -> Result<Weights, LoraError> {
+pub fn dequantized_base(weights: &Weights, config: &Gpt2Config, double_quant: bool) -> Result<Weights, LoraError> {
     let mut out = weights.clone();
     for i in 0..config.n_layer {
         for linear in BLOCK_LINEARS {
             let name = format!("h.{i}.{linear}.weight");
             let Some(tensor) = out.get_mut(&name) else { continue };
             let (rows, cols) = (tensor.shape[0], tensor.shape[1..].iter().product());
-            let matrix = crate::kernels::nf4::quantize(&tensor.data, rows, cols, false)
+            let matrix = crate::kernels::nf4::quantize(&tensor.data, rows, cols, double_quant)
                 .map_err(|e| LoraError::Invalid(format!("cannot store `{name}` as NF4: {e}")))?;
             tensor.data = crate::kernels::nf4::dequantize(&matrix);
         }

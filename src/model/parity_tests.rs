@@ -483,10 +483,19 @@ fn qlora_matches_lora_on_the_dequantized_base() {
             .collect();
         (logits, grads, summary)
     };
-    let (lora_logits, lora_grads, lora_plan) = run(&spec, &dequantized_base(&weights, &config).unwrap());
+    let (lora_logits, lora_grads, lora_plan) = run(&spec, &dequantized_base(&weights, &config, false).unwrap());
     spec.quantize_base = true;
     let (q_logits, q_grads, q_plan) = run(&spec, &weights);
-    let to64 = |v: &[f32]| v.iter().map(|&x| f64::from(x)).collect::<Vec<f64>>();
+    // Double quantisation: the same comparison against its own round trip.
+    let mut dq_spec = spec.clone();
+    dq_spec.double_quant = true;
+    let unquantized = LoraSpec { quantize_base: false, double_quant: false, ..spec.clone() };
+    let (dq_want, _, _) = run(&unquantized, &dequantized_base(&weights, &config, true).unwrap());
+    let (dq_logits, dq_grads, dq_plan) = run(&dq_spec, &weights);
+    assert_close("double-quantised QLoRA logits", &dq_logits, &to64_outer(&dq_want), 1e-5, 1e-4);
+    assert_eq!(dq_grads.len(), 17);
+    assert!(dq_plan.param_bytes < q_plan.param_bytes, "double quantisation must shrink the parameters");
+    let to64 = to64_outer;
     assert_close("QLoRA logits against LoRA on the dequantised base", &q_logits, &to64(&lora_logits), 1e-5, 1e-4);
     assert_eq!(q_grads.len(), 17, "16 LoRA matrices and the head have gradients, nothing else");
     for ((name, q), (lora_name, want)) in q_grads.iter().zip(&lora_grads) {
@@ -498,4 +507,8 @@ fn qlora_matches_lora_on_the_dequantized_base() {
     // Each block's 4 linear weights (12 C^2 values) go from 32 to 4.5 bits.
     let linear_values = (12 * config.n_embd * config.n_embd * config.n_layer) as u64;
     assert_eq!(lora_plan.param_bytes - q_plan.param_bytes, linear_values * 4 - linear_values / 2 - linear_values / 16);
+}
+
+fn to64_outer(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| f64::from(x)).collect()
 }

@@ -572,7 +572,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             let dir = config.out_dir.join("adapter");
             lora::save_adapter(&dir, spec, modules, &weights_host, base, Some(labels))?;
             // A QLoRA adapter was trained against the NF4 base, so it merges into that.
-            let mut merged = if spec.quantize_base { lora::dequantized_base(&model.weights, &model.config)? } else { model.weights.clone() };
+            let mut merged = if spec.quantize_base { lora::dequantized_base(&model.weights, &model.config, spec.double_quant)? } else { model.weights.clone() };
             lora::merge(&mut merged, spec, modules, &weights_host)?;
             save_classifier(&model_out, &model, &merged, &labels)?;
             Some(dir.display().to_string())
@@ -612,7 +612,11 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             train: match &config.lora {
                 Some(spec) => format!(
                     "{} r={} alpha={} targets={}",
-                    if spec.quantize_base { "qlora nf4" } else { "lora" },
+                    match (spec.quantize_base, spec.double_quant) {
+                        (true, true) => "qlora nf4 double-quant",
+                        (true, false) => "qlora nf4",
+                        _ => "lora",
+                    },
                     spec.rank,
                     spec.alpha,
                     spec.targets
