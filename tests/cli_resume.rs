@@ -142,3 +142,35 @@ fn ctrl_c_stops_with_a_checkpoint_and_says_how_to_resume() {
     assert!(step < 20 * 300 / 4, "the run finished ({step} steps) before Ctrl-C");
     assert!(!out.join("model/model.safetensors").exists(), "an interrupted run must not write the final model");
 }
+
+#[test]
+fn device_faults_keep_the_last_checkpoint() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = sms_sample(dir.path(), 300);
+    let straight = dir.path().join("straight");
+    let output = shadertune().args(train_args(&model, &data, &straight, "1e-3")).output().unwrap();
+    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    for (fault, needle) in [("device-lost@4", "device was lost"), ("out-of-memory@6", "out of memory")] {
+        let out = dir.path().join(fault.replace('@', "-"));
+        let output = shadertune().env("SHADERTUNE_FAULT", fault).args(train_args(&model, &data, &out, "1e-3")).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{fault}: expected exit 1: {stderr}");
+        assert!(!stderr.contains("panicked"), "{fault} panicked: {stderr}");
+        assert!(stderr.contains(needle), "{fault}: expected `{needle}` in: {stderr}");
+        assert!(stderr.contains("train --resume"), "{fault}: no resume hint in: {stderr}");
+        let at: u64 = fault.split('@').nth(1).unwrap().parse().unwrap();
+        assert_eq!(checkpoint_step(&out), Some(at), "{fault}: the checkpoint of the last good step is not intact");
+
+        // The checkpoint continues to the weights of the uninterrupted run.
+        let output = shadertune().args(["train", "--resume"]).arg(&out).output().unwrap();
+        assert!(output.status.success(), "{fault}: resume failed: {}", String::from_utf8_lossy(&output.stderr));
+        let a = std::fs::read(straight.join("model/model.safetensors")).unwrap();
+        let b = std::fs::read(out.join("model/model.safetensors")).unwrap();
+        assert!(a == b, "{fault}: the resumed weights differ from the uninterrupted run");
+    }
+}

@@ -317,6 +317,11 @@ impl<'g> Session<'g> {
     /// Records the forward pass, and with `train` the backward pass, into one command encoder
     /// and submits it. With `update`, the optimizer runs too with learning rate `lr`.
     pub fn submit(&mut self, train: bool, update: Option<f32>, grad_scale: f32) -> Result<(), GpuError> {
+        if train {
+            if let Some(error) = injected_fault(self.optimizer_steps) {
+                return Err(error);
+            }
+        }
         if let Some(buffer) = self.input(crate::model::gpt2::DROPOUT_SEED) {
             // The mask depends only on the run seed, the optimizer step and the micro-batch
             // within it, so a resumed run draws the masks the uninterrupted run drew.
@@ -703,6 +708,32 @@ impl<'g> Session<'g> {
 
 /// Rejects a plan whose buffers exceed the adapter's binding or buffer limits, before any
 /// allocation, with the numbers and what to reduce.
+/// Environment variable that makes a training step fail as a driver would, for tests of the
+/// error path: `device-lost@N` or `out-of-memory@N` fails the training submit made after N
+/// optimizer steps.
+pub const FAULT_VARIABLE: &str = "SHADERTUNE_FAULT";
+
+/// The error that [`FAULT_VARIABLE`] asks for at `steps` optimizer steps, if any.
+fn injected_fault(steps: u64) -> Option<GpuError> {
+    static FAULT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let value = std::env::var(FAULT_VARIABLE).ok()?;
+        let (kind, at) = value.split_once('@')?;
+        Some((kind.to_string(), at.parse().ok()?))
+    });
+    let (kind, at) = fault.as_ref()?;
+    if *at != steps {
+        return None;
+    }
+    let context = "training step".to_string();
+    let message = format!("injected by {FAULT_VARIABLE}");
+    match kind.as_str() {
+        "device-lost" => Some(GpuError::DeviceLost { context, message }),
+        "out-of-memory" => Some(GpuError::Execution { context, message: format!("out of memory ({message})") }),
+        _ => None,
+    }
+}
+
 fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<(), GpuError> {
     let limits = gpu.limits();
     for (id, t) in plan.graph.tensors.iter().enumerate() {

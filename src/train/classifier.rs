@@ -72,6 +72,16 @@ pub enum TrainError {
     /// A checkpoint could not be written or read, or does not match the run.
     #[error(transparent)]
     Checkpoint(#[from] crate::train::checkpoint::CheckpointError),
+    /// The device failed during a training step (lost, out of memory, driver error).
+    #[error("training step {step} failed: {error}; {checkpoint}")]
+    DeviceFailed {
+        /// Optimizer step that failed.
+        step: usize,
+        /// The device error.
+        error: GpuError,
+        /// Where the last checkpoint is and how to continue.
+        checkpoint: String,
+    },
     /// LoRA settings or an adapter file are invalid.
     #[error(transparent)]
     Lora(#[from] LoraError),
@@ -482,8 +492,19 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             session.set_inputs(&StepInputs { ids: &batch.ids, lengths: &batch.lengths, targets: &batch.labels });
             let update = micro % config.grad_accum == 0;
             let lr = learning_rate(config.schedule, config.lr, step, config.warmup_steps, total_steps);
-            session.submit(true, update.then_some(lr), 1.0 / config.grad_accum as f32)?;
-            let out = session.read_loss()?;
+            let submitted = session.submit(true, update.then_some(lr), 1.0 / config.grad_accum as f32).and_then(|()| session.read_loss());
+            let out = match submitted {
+                Ok(out) => out,
+                Err(error) => {
+                    // The device state is gone, so the last checkpoint on disk is what remains.
+                    progress.finish_and_clear();
+                    let checkpoint = match checkpoint::find(&config.out_dir) {
+                        Ok(dir) => format!("the last checkpoint is in {}; continue with: shadertune train --resume {}", dir.display(), config.out_dir.display()),
+                        Err(_) => "no checkpoint was written yet (set --save-every to write them during training)".to_string(),
+                    };
+                    return Err(TrainError::DeviceFailed { step: step + 1, error, checkpoint });
+                }
+            };
             if !out.loss.is_finite() {
                 // The optimizer skipped the update (its gradient norm is not finite), so the
                 // device still contains the last good weights.
