@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::{have_adapter, shadertune, sms_sample, tiny_model_of_width};
+use common::{have_adapter, kill_after_checkpoint, shadertune, sms_sample, tiny_model_of_width};
 use shadertune::model::config::Gpt2Config;
 use shadertune::model::weights::{self, HeadKind, LoadOptions};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -129,11 +128,6 @@ fn merge_peft_adapter_matches_peft() {
     assert_eq!(compared, 9, "8 merged Conv1D weights and the head");
 }
 
-fn checkpoint_step(out: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
-}
-
 #[test]
 fn lora_dropout_resume_is_bitwise() {
     if !have_adapter() {
@@ -147,22 +141,7 @@ fn lora_dropout_resume_is_bitwise() {
     assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
 
     let killed = dir.path().join("killed");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
-        .args(lora_train_args(&data, &killed, &extra))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while checkpoint_step(&killed).unwrap_or(0) < 5 {
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 5 within 5 minutes");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at = checkpoint_step(&killed).expect("a checkpoint survives the kill");
+    let at = kill_after_checkpoint(&lora_train_args(&data, &killed, &extra), &killed, 5);
     assert!(killed.join("checkpoint/adapter_model.safetensors").is_file(), "a LoRA checkpoint holds the adapter");
     assert!(!killed.join("checkpoint/model.safetensors").exists(), "a LoRA checkpoint does not copy the frozen base");
     assert!(!killed.join("adapter").exists(), "killed at step {at}, after the run finished; the test needs an interrupted run");

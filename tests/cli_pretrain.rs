@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{have_adapter, shadertune};
+use common::{have_adapter, kill_after_checkpoint, shadertune};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 fn corpus() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/corpus/the-verdict.txt"))
@@ -90,27 +89,7 @@ fn pretrain_killed_and_resumed_matches_an_uninterrupted_run() {
 
     // Kill a second run with SIGKILL once it has checkpointed a few steps.
     let killed = dir.path().join("killed");
-    let bin = assert_cmd::cargo::cargo_bin("shadertune");
-    let mut child = std::process::Command::new(bin)
-        .args(pretrain_args(&config, &killed, steps))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let checkpointed_step = || -> Option<u64> {
-        let text = std::fs::read_to_string(killed.join("checkpoint/state.json")).ok()?;
-        serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
-    };
-    while checkpointed_step().unwrap_or(0) < 3 {
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 3 within 5 minutes");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at = checkpointed_step().expect("a checkpoint survives the kill");
+    let at = kill_after_checkpoint(&pretrain_args(&config, &killed, steps), &killed, 3);
     assert!(at < steps as u64, "killed after the last step ({at}); the test needs an interrupted run");
     assert!(!killed.join("model.safetensors").exists(), "an interrupted run must not write the final model");
 

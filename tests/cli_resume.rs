@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{have_adapter, shadertune, tiny_model, sms_sample};
+use common::{checkpoint_step, have_adapter, kill_after_checkpoint, shadertune, sms_sample, tiny_model};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -15,11 +15,6 @@ fn train_args(model: &Path, data: &Path, out: &Path, lr: &str) -> Vec<String> {
         args.extend([flag.to_string(), value.to_string()]);
     }
     args
-}
-
-fn checkpoint_step(out: &Path) -> Option<u64> {
-    let text = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
 }
 
 #[test]
@@ -36,22 +31,7 @@ fn train_killed_and_resumed_matches_an_uninterrupted_run() {
     assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
 
     let killed = dir.path().join("killed");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
-        .args(train_args(&model, &data, &killed, "1e-3"))
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while checkpoint_step(&killed).unwrap_or(0) < 5 {
-        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step 5 within 5 minutes");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at = checkpoint_step(&killed).expect("a checkpoint survives the kill");
+    let at = kill_after_checkpoint(&train_args(&model, &data, &killed, "1e-3"), &killed, 5);
     assert!(!killed.join("model/model.safetensors").exists(), "killed at step {at}, after the run finished; the test needs an interrupted run");
 
     let output = shadertune().args(["train", "--resume"]).arg(&killed).output().unwrap();

@@ -1003,8 +1003,8 @@ const ADAPTER_FIELDS: [&str; 12] = [
     "rank_pattern", "layers_to_transform", "modules_to_save", "base_model_name_or_path",
 ];
 
-/// A PEFT adapter: its config with changed fields and byte edits, and its tensor file with byte
-/// edits.
+/// Generates a PEFT adapter: its config with changed fields and byte edits, and its tensor file
+/// with byte edits.
 fn adapter_input() -> impl Strategy<Value = (Vec<(&'static str, Option<Value>)>, Vec<Edit>, Vec<Edit>)> {
     let change = (prop::sample::select(ADAPTER_FIELDS.to_vec()), prop::option::weighted(0.85, json_value()));
     (prop_oneof![Just(Vec::new()), prop::collection::vec(change, 1..4)], few_edits(), few_edits())

@@ -110,14 +110,14 @@ pub(crate) struct LoraArgs {
     #[arg(long, value_name = "P", default_value_t = 0.0, requires = "lora_rank")]
     lora_dropout: f32,
     /// QLoRA: store the frozen linear weights of the blocks as nf4 (4-bit NormalFloat, blocks of
-    /// 64 with one f32 scale each) and dequantise them inside the matmul kernels; nf4-dq also
+    /// 64 with one f32 scale each) and dequantise them inside the matmul kernels. nf4-dq also
     /// quantises the scales to 8 bits (double quantisation).
     #[arg(long, value_name = "FORMAT", value_parser = ["nf4", "nf4-dq"], requires = "lora_rank")]
     quantize: Option<String>,
 }
 
 impl LoraArgs {
-    /// The validated settings, or `None` without --lora-rank.
+    /// Returns the validated settings, or `None` without --lora-rank.
     pub(crate) fn spec(&self) -> anyhow::Result<Option<LoraSpec>> {
         let Some(rank) = self.lora_rank else { return Ok(None) };
         let alpha = self.lora_alpha.unwrap_or(2.0 * rank as f32);

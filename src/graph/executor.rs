@@ -198,7 +198,7 @@ impl<'g> Session<'g> {
 
     /// Reads every trainable parameter back into host weights, joining row chunks. Frozen
     /// parameters never change, so `into`, which starts as the weights the session was created
-    /// from, already holds them.
+    /// from, already contains them.
     pub fn download_weights(&self, into: &mut Weights) -> Result<(), GpuError> {
         for source in &self.plan.graph.params {
             if !self.plan.graph.is_trainable(source.tensor) {
@@ -473,7 +473,8 @@ impl<'g> Session<'g> {
         &self.plan.graph.tensors[t].name
     }
 
-    /// The bindings of an NF4 weight (K, N) with the mean recorded when its scales were uploaded.
+    /// Returns the bindings of an NF4 weight (K, N), with the mean recorded when its scales were
+    /// uploaded.
     fn nf4_weight(&self, rows: usize, cols: usize, codes: TensorId, scales: TensorId, steps: Option<TensorId>) -> nf4::Nf4Weight<'_> {
         let double_quant = steps.map(|steps| nf4::DoubleQuantBinding { steps: self.binding(steps), mean: self.nf4_means.get(&codes).copied().unwrap_or(0.0) });
         nf4::Nf4Weight { rows, cols, packed: self.binding(codes), scales: self.binding(scales), double_quant }
@@ -713,7 +714,7 @@ impl<'g> Session<'g> {
 /// optimizer steps.
 pub const FAULT_VARIABLE: &str = "SHADERTUNE_FAULT";
 
-/// The error that [`FAULT_VARIABLE`] asks for at `steps` optimizer steps, if any.
+/// Returns the error that [`FAULT_VARIABLE`] requests at `steps` optimizer steps, if any.
 fn injected_fault(steps: u64) -> Option<GpuError> {
     static FAULT: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
     let fault = FAULT.get_or_init(|| {

@@ -122,7 +122,7 @@ pub(crate) enum Op {
     /// out = a + scale * b; scale is 1 for the residual adds and alpha / r for a LoRA branch.
     Add { len: usize, a: TensorId, b: TensorId, scale: f32, out: TensorId },
     /// out = inp * mask / (1 - prob) while training (`seed` (2) u32 = [seed of the step,
-    /// active]), out = inp otherwise; `salt` tells dropout sites apart.
+    /// active]), out = inp otherwise. `salt` distinguishes the dropout sites of one graph.
     Dropout { len: usize, prob: f32, seed: TensorId, salt: u32, inp: TensorId, out: TensorId },
     /// Causal self-attention over qkv (B,T,3C) into out (B,T,C); att (B,NH,T,T) saved.
     Attention { shape: AttentionShape, qkv: TensorId, att: TensorId, out: TensorId },
@@ -210,7 +210,7 @@ pub(crate) struct ParamSource {
     pub name: String,
     pub row_offset: usize,
     pub rows: usize,
-    /// How the device tensor stores the weight's values.
+    /// Storage format of the weight's values in the device tensor.
     pub encoding: ParamEncoding,
 }
 

@@ -59,7 +59,7 @@ fn params(label: &str, len: usize, prob: f32, salt: u32, accumulate: bool) -> Dr
     }
 }
 
-/// The shader's integer permutation, for references and tests.
+/// Computes the shader's integer permutation, for references and tests.
 #[cfg(test)]
 pub(crate) fn permute(x: u32) -> u32 {
     let state = x.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
@@ -67,7 +67,7 @@ pub(crate) fn permute(x: u32) -> u32 {
     (word >> 22) ^ word
 }
 
-/// Whether element `i` is kept at `seed` and `salt`, exactly as the shader decides.
+/// Returns whether element `i` is kept at `seed` and `salt`, exactly as the shader decides.
 #[cfg(test)]
 pub(crate) fn kept(seed: u32, salt: u32, prob: f32, i: u32) -> bool {
     let stream = permute(seed ^ permute(salt));
@@ -150,7 +150,7 @@ mod tests {
     }
 
     #[test]
-    fn backward_uses_the_forward_mask_and_inactive_is_identity() {
+    fn dropout_backward_mask_and_inactive() {
         let Some(gpu) = test_gpu() else { return };
         let (len, prob, salt) = (4099usize, 0.5f32, 3u32);
         let dout = random_vec(len, 12);

@@ -486,6 +486,16 @@ impl Gpt2Config {
         Some(count)
     }
 
+    /// Returns the label names in class order: `id2label`'s values, or `LABEL_i` for each of
+    /// `num_labels` classes as transformers names them, or `None` when neither is set.
+    pub fn label_names(&self) -> Option<Vec<String>> {
+        match (&self.id2label, self.num_labels) {
+            (Some(map), _) => Some(map.values().cloned().collect()),
+            (None, Some(k)) => Some(default_label_names(k)),
+            (None, None) => None,
+        }
+    }
+
     /// Returns the hidden width of the MLP: `n_inner`, or 4 * `n_embd` when unset.
     pub fn inner_dim(&self) -> usize {
         self.n_inner.unwrap_or(4 * self.n_embd)
@@ -917,4 +927,9 @@ mod tests {
         assert_eq!(config.extra["n_ctx"], 1024);
         assert_eq!(config.extra["summary_activation"], Value::Null);
     }
+}
+
+/// Returns transformers' names for `count` unnamed classes: `LABEL_0`, `LABEL_1`, ...
+pub fn default_label_names(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("LABEL_{i}")).collect()
 }

@@ -198,7 +198,7 @@ impl Builder<'_> {
         }
     }
 
-    /// The LoRA branch of a Conv1D whose base product is `base`:
+    /// Adds the LoRA branch of a Conv1D whose base product is `base`:
     /// out = base + s * (x A^T) B^T, with x the layer input (after dropout in training).
     /// The base product runs once; the branch adds two thin products and a scaled add.
     #[allow(clippy::too_many_arguments)]
@@ -242,7 +242,7 @@ impl Builder<'_> {
         out
     }
 
-    /// The input that holds the dropout seed of a step, created on first use.
+    /// Returns the input that contains the dropout seed of a step, created on first use.
     fn dropout_seed(&mut self) -> TensorId {
         if let Some(id) = self.g.tensors.iter().position(|t| t.name == DROPOUT_SEED) {
             return id;
@@ -408,7 +408,7 @@ pub fn plan_summary(
     crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip }).summary()
 }
 
-/// The kernels of one training step that touch the first layer `lora` targets, in execution
+/// Lists the kernels of one training step that touch the first layer `lora` targets, in execution
 /// order, each as `pass kind outputs <- inputs` with tensor names: the sequence a LoRA layer
 /// adds to the step. Empty when no layer is targeted.
 pub fn lora_layer_kernels(config: &Gpt2Config, head: Head, shape: BatchShape, lora: &LoraSpec, max_binding: u64) -> Vec<String> {

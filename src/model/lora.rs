@@ -192,10 +192,7 @@ impl LoraSpec {
     pub fn targets_module(&self, prefix: &str) -> bool {
         let full = format!("{BODY_PREFIX}{prefix}");
         match &self.targets {
-            Targets::Names(names) => names.iter().any(|t| {
-                let t = t.trim();
-                full == t || full.ends_with(&format!(".{t}"))
-            }),
+            Targets::Names(names) => names.iter().any(|t| name_matches(&full, t.trim())),
             Targets::Pattern(pattern) => full_match(pattern).is_ok_and(|re| re.is_match(&full)),
         }
     }
@@ -220,10 +217,8 @@ impl LoraSpec {
                 .iter()
                 .map(|t| t.trim())
                 .filter(|t| {
-                    !(0..config.n_layer).any(|i| BLOCK_LINEARS.iter().any(|l| {
-                        let full = format!("{BODY_PREFIX}h.{i}.{l}");
-                        full == *t || full.ends_with(&format!(".{t}"))
-                    }))
+                    let matches_layer = |i: usize, linear: &str| name_matches(&format!("{BODY_PREFIX}h.{i}.{linear}"), t);
+                    !(0..config.n_layer).any(|i| BLOCK_LINEARS.iter().any(|linear| matches_layer(i, linear)))
                 })
                 .collect(),
             Targets::Pattern(_) if modules.is_empty() => vec!["the pattern"],
@@ -243,6 +238,12 @@ impl LoraSpec {
     pub fn parameter_count(&self, modules: &[LoraModule]) -> u64 {
         modules.iter().map(|m| (self.rank * (m.n_in + m.n_out)) as u64).sum()
     }
+}
+
+/// Returns whether the module `full` is named by `target`, by PEFT's rule: equal, or ending with
+/// a dot and the target.
+fn name_matches(full: &str, target: &str) -> bool {
+    full == target || full.strip_suffix(target).is_some_and(|head| head.ends_with('.'))
 }
 
 fn full_match(pattern: &str) -> Result<regex::Regex, regex::Error> {
@@ -385,7 +386,7 @@ pub struct Adapter {
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` as PEFT does for a
 /// sequence classifier: peft_type LORA, task_type SEQ_CLS, fan_in_fan_out true (GPT-2's Conv1D
 /// stores weights (in, out)), modules_to_save `score`. `weights` must hold A and B of every
-/// module, and `score.weight` when `labels` are given; the label names go into the file's
+/// module, and `score.weight` when `labels` are given. The label names go into the file's
 /// metadata (`labels`, a JSON list), which PEFT ignores. Each file is written atomically.
 ///
 /// # Errors
@@ -484,9 +485,9 @@ fn serialize_f32(tensors: &[(String, Vec<usize>, Vec<u8>)], metadata: serde_json
     out
 }
 
-/// Reads `adapter_config.json` into settings. Accepted: peft_type LORA, `target_modules` as a
-/// list or a pattern, `use_rslora`; refused with a message: DoRA, trained biases, per-layer
-/// rank or alpha patterns and layer selections, which this engine does not implement.
+/// Reads `adapter_config.json` into settings. It accepts peft_type LORA, `target_modules` as a
+/// list or a pattern, and `use_rslora`. It rejects DoRA, trained biases, per-layer rank or alpha
+/// patterns and layer selections, because this engine does not implement them.
 ///
 /// # Errors
 /// [`LoraError::Io`] or [`LoraError::Config`].
@@ -648,8 +649,8 @@ pub struct MergedModel {
 
 /// Opens the base model in `base_dir`, reads the adapter in `adapter_dir` and merges it. The
 /// result is a classifier when the adapter carries a trained head (`score.weight`) or the base
-/// is one; its labels come from the base config, then from the adapter's metadata, then
-/// `LABEL_i`. Otherwise it is a language model.
+/// is one. Its labels come from the base config, then from the adapter's metadata, then
+/// `LABEL_i`. Otherwise the result is a language model.
 ///
 /// # Errors
 /// An unreadable base model or adapter, an adapter for another base model, or a classifier
@@ -661,15 +662,7 @@ pub fn open_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MergedMo
     let base_is_classifier = config.architectures.iter().flatten().any(|a| a == "GPT2ForSequenceClassification");
     let adapter = load_adapter(adapter_dir, &config, None)?;
     let head_rows = adapter.weights.get(SCORE_WEIGHT).map(|t| t.shape[0]);
-    let base_labels: Option<Vec<String>> = if base_is_classifier {
-        match (&config.id2label, config.num_labels) {
-            (Some(map), _) => Some(map.values().cloned().collect()),
-            (None, Some(k)) => Some((0..k).map(|i| format!("LABEL_{i}")).collect()),
-            (None, None) => None,
-        }
-    } else {
-        None
-    };
+    let base_labels = if base_is_classifier { config.label_names() } else { None };
     let labels = match (head_rows, base_labels) {
         (Some(k), Some(labels)) if labels.len() == k => Some(labels),
         (Some(k), Some(labels)) => {
@@ -680,7 +673,7 @@ pub fn open_with_adapter(base_dir: &Path, adapter_dir: &Path) -> Result<MergedMo
         }
         (Some(k), None) => Some(match &adapter.labels {
             Some(labels) if labels.len() == k => labels.clone(),
-            _ => (0..k).map(|i| format!("LABEL_{i}")).collect(),
+            _ => crate::model::config::default_label_names(k),
         }),
         (None, labels) => labels,
     };

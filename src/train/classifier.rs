@@ -79,7 +79,7 @@ pub enum TrainError {
         step: usize,
         /// The device error.
         error: GpuError,
-        /// Where the last checkpoint is and how to continue.
+        /// The location of the last checkpoint and the command that continues from it.
         checkpoint: String,
     },
     /// LoRA settings or an adapter file are invalid.
@@ -400,7 +400,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             Some(loaded) if loaded.adapter.is_some() => loaded.weights.clone(),
             Some(loaded) => {
                 return Err(TrainError::Invalid(format!(
-                    "{}: the checkpoint holds a full model, not LoRA adapters; resume with the original command",
+                    "{}: the checkpoint contains a full model, not LoRA adapters; resume with the original command",
                     loaded.dir.display()
                 )))
             }

@@ -36,10 +36,9 @@ impl Classifier {
         let config_path = dir.join("config.json");
         let config = crate::model::config::Gpt2Config::from_file(&config_path)
             .map_err(|error| crate::model::load::ModelError::Config { path: config_path.clone(), error })?;
-        let labels: Vec<String> = match (&config.id2label, config.num_labels) {
-            (Some(map), _) => map.values().cloned().collect(),
-            (None, Some(k)) => (0..k).map(|i| format!("LABEL_{i}")).collect(),
-            (None, None) => {
+        let labels: Vec<String> = match config.label_names() {
+            Some(labels) => labels,
+            None => {
                 return Err(TrainError::Invalid(format!(
                     "{} names no labels (no id2label or num_labels): it is not a classifier; train one with `shadertune train`",
                     config_path.display()

@@ -50,3 +50,31 @@ pub fn sms_sample(dir: &Path, rows: usize) -> PathBuf {
     std::fs::write(&path, sample.join("\n")).unwrap();
     path
 }
+
+/// Returns the step of the checkpoint in `out/checkpoint/`, if one is complete.
+pub fn checkpoint_step(out: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(out.join("checkpoint/state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
+}
+
+/// Runs `shadertune` with `args`, kills it with SIGKILL once `out` has a checkpoint at step
+/// `step` or later, and returns the step of the checkpoint that survived the kill.
+pub fn kill_after_checkpoint(args: &[String], out: &Path, step: u64) -> u64 {
+    use std::time::{Duration, Instant};
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("shadertune"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while checkpoint_step(out).unwrap_or(0) < step {
+        assert!(started.elapsed() < Duration::from_secs(300), "no checkpoint at step {step} within 5 minutes");
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it could be killed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    checkpoint_step(out).expect("a checkpoint survives the kill")
+}
