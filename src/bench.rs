@@ -390,6 +390,13 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     Ok(out)
 }
 
+/// The matmul variant each product form uses on `gpu` (autotuned where the device has autotuning
+/// on and more than one variant fits), as `nn subgroup, nt subgroup, tn subgroup`.
+pub fn matmul_variants(gpu: &Gpu) -> Result<String, GpuError> {
+    let chosen = matmul::chosen_variants(gpu)?;
+    Ok(chosen.iter().map(|(form, variant)| format!("{form} {variant}")).collect::<Vec<_>>().join(", "))
+}
+
 /// Times every kernel family at `shapes`: `warmup` untimed runs, then the median of `repeats`.
 pub fn bench_kernels(gpu: &Gpu, shapes: BenchShapes, warmup: usize, repeats: usize) -> Result<Vec<KernelTiming>, GpuError> {
     let timing = gpu.timing_source();

@@ -79,6 +79,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!("adapter: {}", gpu.describe());
+            println!("matmul:  {} (autotune {})", shadertune::bench::matmul_variants(&gpu)?, autotune_word(&gpu));
             println!("{:<42} {:<36} {:>10} {:>12}", "kernel", "shape", "median ms", "rate");
             for r in &results {
                 let rate = match (r.gflops, r.gbps) {
@@ -113,6 +114,7 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("adapter: {}", gpu.describe());
+    println!("matmul:  {} (autotune {})", shadertune::bench::matmul_variants(&gpu)?, autotune_word(&gpu));
     println!(
         "model: {} layers, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
         config.n_layer,
@@ -134,4 +136,11 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn autotune_word(gpu: &shadertune::gpu::Gpu) -> &'static str {
+    match gpu.autotune() {
+        shadertune::gpu::Autotune::On => "on",
+        shadertune::gpu::Autotune::Off => "off",
+    }
 }

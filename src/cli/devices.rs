@@ -24,7 +24,7 @@ pub(crate) fn run(args: &DevicesArgs) -> anyhow::Result<()> {
     }
     if adapters.is_empty() {
         // The same message a run would fail with, naming what to install.
-        let error = shadertune::gpu::Gpu::new(&shadertune::gpu::GpuOptions { backend: args.backend, adapter: None })
+        let error = shadertune::gpu::Gpu::new(&shadertune::gpu::GpuOptions { backend: args.backend, adapter: None, ..Default::default() })
             .err()
             .map(|e| e.to_string())
             .unwrap_or_else(|| "no adapter found".to_string());
@@ -44,7 +44,7 @@ pub(crate) fn run(args: &DevicesArgs) -> anyhow::Result<()> {
         let features = if a.features.is_empty() { "none".to_string() } else { a.features.join(", ") };
         println!("    features:           {features}");
         if args.check {
-            let options = shadertune::gpu::GpuOptions { backend: args.backend, adapter: Some(a.index) };
+            let options = shadertune::gpu::GpuOptions { backend: args.backend, adapter: Some(a.index), ..Default::default() };
             let result = shadertune::gpu::Gpu::new(&options).and_then(|gpu| gpu.compile_kernels());
             match result {
                 Ok(count) => println!("    kernels:            all {count} compile"),

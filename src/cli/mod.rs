@@ -54,6 +54,15 @@ pub(crate) struct DeviceArgs {
     /// adapter). `--adapter` is a LoRA adapter directory wherever it appears.
     #[arg(long = "gpu", value_name = "INDEX")]
     pub adapter: Option<usize>,
+    /// Kernel variants: `on` times the candidates once per adapter and driver and caches the
+    /// choice (in SHADERTUNE_CACHE_DIR, else the user's cache directory under shadertune/);
+    /// `off` uses the fixed defaults documented in BENCHMARKS.md.
+    #[arg(long, default_value = "on", value_name = "on|off", value_parser = parse_autotune)]
+    pub autotune: shadertune::gpu::Autotune,
+}
+
+fn parse_autotune(s: &str) -> Result<shadertune::gpu::Autotune, String> {
+    s.parse()
 }
 
 fn parse_backend(s: &str) -> Result<BackendChoice, String> {
@@ -62,7 +71,7 @@ fn parse_backend(s: &str) -> Result<BackendChoice, String> {
 
 impl DeviceArgs {
     pub fn options(&self) -> GpuOptions {
-        GpuOptions { backend: self.backend, adapter: self.adapter }
+        GpuOptions { backend: self.backend, adapter: self.adapter, autotune: self.autotune }
     }
 
     pub fn open(&self) -> anyhow::Result<Gpu> {

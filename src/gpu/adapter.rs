@@ -62,6 +62,8 @@ pub struct GpuOptions {
     /// Index into the adapter list of that backend, as `shadertune devices` prints it; `None`
     /// picks the first hardware adapter, or the first adapter of any kind if there is none.
     pub adapter: Option<usize>,
+    /// Whether kernel variants are chosen by a timed trial (cached on disk) or fixed defaults.
+    pub autotune: super::Autotune,
 }
 
 /// Description of one adapter, as `shadertune devices` prints it.
@@ -237,6 +239,9 @@ impl Gpu {
             uncaptured,
             lost,
             placeholder: std::sync::OnceLock::new(),
+            autotune: options.autotune,
+            autotune_cache: super::cache_dir().map(|dir| dir.join("autotune.json")),
+            tuned: Mutex::new(HashMap::new()),
         })
     }
 }

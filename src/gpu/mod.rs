@@ -4,11 +4,13 @@
 //! work with [`Gpu`], [`KernelEntry`], [`TensorBinding`] and [`Dispatch`] alone.
 
 mod adapter;
+mod autotune;
 mod buffers;
 mod pipelines;
 mod profile;
 
 pub use adapter::{list_adapters, AdapterSummary, BackendChoice, GpuOptions};
+pub use autotune::{cache_dir, Autotune, CACHE_DIR_VARIABLE};
 pub(crate) use buffers::TensorBinding;
 pub(crate) use pipelines::{grid_for, BindingKind, Dispatch, KernelEntry, ShaderFamily};
 pub(crate) use profile::median;
@@ -145,6 +147,12 @@ pub struct Gpu {
     lost: Arc<Mutex<Option<String>>>,
     /// A small zeroed buffer bound where a kernel's optional input is absent.
     placeholder: std::sync::OnceLock<wgpu::Buffer>,
+    /// Whether kernel variants are chosen by measurement.
+    autotune: Autotune,
+    /// The autotune cache file, `None` where no cache directory is known.
+    pub(crate) autotune_cache: Option<std::path::PathBuf>,
+    /// Variant chosen per kernel family on this device, once asked for.
+    tuned: Mutex<HashMap<String, String>>,
 }
 
 impl Gpu {

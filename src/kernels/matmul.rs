@@ -127,6 +127,71 @@ fn subgroups_fit(gpu: &Gpu) -> bool {
         && info.subgroup_max_size == SUBGROUP_LANES
 }
 
+/// Name of a variant in the autotune cache and in logs.
+fn variant_name(variant: Variant) -> &'static str {
+    match variant {
+        Variant::Generic => "generic",
+        Variant::Subgroup => "subgroup",
+    }
+}
+
+/// Returns the variant that a subgroup-capable device uses for `form`: the fixed default (subgroup) with
+/// autotuning off, otherwise the faster of the two on a trial product, cached per adapter and
+/// driver (see `crate::gpu::autotune`).
+fn tuned_variant(gpu: &Gpu, form: Form) -> Result<Variant, GpuError> {
+    let family = match form {
+        Form::Nn => "matmul_nn",
+        Form::Nt => "matmul_nt",
+        Form::Tn => "matmul_tn",
+    };
+    let candidates = [Variant::Generic, Variant::Subgroup];
+    let names = candidates.map(variant_name);
+    let choice = gpu.tuned(family, &[FAMILY.source, SUBGROUP_FAMILY.source], &names, variant_name(Variant::Subgroup), |name| {
+        let variant = if name == variant_name(Variant::Generic) { Variant::Generic } else { Variant::Subgroup };
+        trial(gpu, form, variant)
+    })?;
+    Ok(if choice == variant_name(Variant::Generic) { Variant::Generic } else { Variant::Subgroup })
+}
+
+/// Rows, inner size and columns of the autotune trial: a quarter of GPT-2 small's c_fc product
+/// at batch 8 x 48 tokens, a multiple of the subgroup variant's 96 x 128 blocks.
+const TRIAL: (usize, usize, usize) = (384, 768, 768);
+
+/// Median milliseconds of one trial product of `form` on `variant` (one untimed run, three timed).
+fn trial(gpu: &Gpu, form: Form, variant: Variant) -> Result<f64, GpuError> {
+    let (rows, inner, cols) = TRIAL;
+    let preference = match variant {
+        Variant::Generic => Preference::Generic,
+        Variant::Subgroup => Preference::Subgroup,
+    };
+    let bytes = |floats: usize| (floats * F32_BYTES as usize) as u64;
+    let lhs = gpu.storage_buffer("autotune lhs", bytes(rows * inner))?;
+    let rhs = gpu.storage_buffer("autotune rhs", bytes(inner * cols))?;
+    let out = gpu.storage_buffer("autotune out", bytes(rows.max(inner) * cols))?;
+    let label = format!("autotune {} {}", variant_name(variant), format!("{form:?}").to_lowercase());
+    let (l, r, o) = (TensorBinding::whole(&lhs), TensorBinding::whole(&rhs), TensorBinding::whole(&out));
+    let dispatch = match form {
+        Form::Nn => forward_with(gpu, &label, preference, MatmulShape::new(rows, inner, cols, WeightLayout::InOut), l, r, None, o)?,
+        Form::Nt => forward_with(gpu, &label, preference, MatmulShape::new(rows, inner, cols, WeightLayout::OutIn), l, r, None, o)?,
+        Form::Tn => backward_weight_with(gpu, &label, preference, MatmulShape::new(rows, inner, cols, WeightLayout::InOut), l, r, o)?,
+    };
+    let times = gpu.time_dispatches(&label, &[dispatch], 1, 3)?;
+    Ok(crate::gpu::median(&times))
+}
+
+/// Returns the variant each product form uses on this device, as (form, variant) names, for
+/// reports. Runs the autotune trial where it has not run yet.
+pub(crate) fn chosen_variants(gpu: &Gpu) -> Result<Vec<(&'static str, &'static str)>, GpuError> {
+    let fits = subgroups_fit(gpu);
+    [("nn", Form::Nn), ("nt", Form::Nt), ("tn", Form::Tn)]
+        .into_iter()
+        .map(|(name, form)| {
+            let variant = if !fits || generic_forced() { Variant::Generic } else { tuned_variant(gpu, form)? };
+            Ok((name, variant_name(variant)))
+        })
+        .collect()
+}
+
 /// Storage order of a linear layer's weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum WeightLayout {
@@ -281,18 +346,17 @@ impl Product {
     }
 
     /// Selects the shader that runs this product. The subgroup variant needs a fitting device and
-    /// the alignment of vec4 loads, because it reads every operand as vec4s.
-    fn variant(&self, gpu: &Gpu, preference: Preference) -> Variant {
-        let preference = match preference {
-            Preference::Auto if generic_forced() => Preference::Generic,
-            Preference::Auto => Preference::Subgroup,
-            chosen => chosen,
-        };
-        if preference == Preference::Subgroup && self.vec4_loads() && subgroups_fit(gpu) {
-            Variant::Subgroup
-        } else {
-            Variant::Generic
-        }
+    /// the alignment of vec4 loads, because it reads every operand as vec4s. Where both variants
+    /// could run, `Preference::Auto` takes the autotuned choice for the product's form.
+    fn variant(&self, gpu: &Gpu, preference: Preference) -> Result<Variant, GpuError> {
+        let subgroup_possible = self.vec4_loads() && subgroups_fit(gpu);
+        Ok(match preference {
+            _ if !subgroup_possible => Variant::Generic,
+            Preference::Auto if generic_forced() => Variant::Generic,
+            Preference::Auto => tuned_variant(gpu, self.form)?,
+            Preference::Generic => Variant::Generic,
+            Preference::Subgroup => Variant::Subgroup,
+        })
     }
 
     fn workgroups(&self, gpu: &Gpu, variant: Variant) -> [u32; 3] {
@@ -321,7 +385,7 @@ impl Product {
         bias: Option<TensorBinding<'_>>,
     ) -> Result<Dispatch, GpuError> {
         let params = self.params();
-        let variant = self.variant(gpu, preference);
+        let variant = self.variant(gpu, preference)?;
         let groups = self.workgroups(gpu, variant);
         let kernel = match (variant, self.form) {
             (Variant::Generic, Form::Nn) => &NN,
@@ -872,15 +936,54 @@ mod tests {
         };
         let expected = if fits { Variant::Subgroup } else { Variant::Generic };
         for form in [Form::Nn, Form::Nt, Form::Tn] {
-            let chosen = product(form, 768).variant(gpu, Preference::Subgroup);
+            let chosen = product(form, 768).variant(gpu, Preference::Subgroup).unwrap();
             assert_eq!(chosen, expected, "{form:?} 960x768x768 on {} (subgroups fit: {fits})", gpu.describe());
-            let generic = product(form, 768).variant(gpu, Preference::Generic);
+            let generic = product(form, 768).variant(gpu, Preference::Generic).unwrap();
             assert_eq!(generic, Variant::Generic, "{form:?} with Preference::Generic");
+        }
+        // The shared test device has autotuning off, so an automatic product takes the default.
+        if !generic_forced() {
+            for form in [Form::Nn, Form::Nt, Form::Tn] {
+                assert_eq!(product(form, 768).variant(gpu, Preference::Auto).unwrap(), expected, "{form:?} with autotuning off");
+            }
         }
         let mut odd = product(Form::Nt, 768);
         odd.lhs.offset = 2;
-        assert_eq!(odd.variant(gpu, Preference::Subgroup), Variant::Generic, "nt with lhs offset 2");
-        assert_eq!(product(Form::Nn, 29).variant(gpu, Preference::Subgroup), Variant::Generic, "nn with K=29");
+        assert_eq!(odd.variant(gpu, Preference::Subgroup).unwrap(), Variant::Generic, "nt with lhs offset 2");
+        assert_eq!(product(Form::Nn, 29).variant(gpu, Preference::Subgroup).unwrap(), Variant::Generic, "nn with K=29");
+    }
+
+    /// A device with autotuning on measures each form once, writes its choices to the cache and
+    /// computes the same products as the reference with whatever it chose.
+    #[test]
+    fn autotune_caches_choices_and_stays_correct() {
+        let Some(shared) = test_gpu() else { return };
+        let Ok(mut gpu) = Gpu::new(&crate::gpu::GpuOptions { autotune: crate::gpu::Autotune::On, ..Default::default() }) else {
+            panic!("a second device on {} could not be opened", shared.describe());
+        };
+        let dir = std::env::temp_dir().join(format!("shadertune-matmul-autotune-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        gpu.autotune_cache = Some(dir.join("autotune.json"));
+        let chosen = chosen_variants(&gpu).unwrap();
+        assert_eq!(chosen.len(), 3);
+        let fits = subgroups_fit(&gpu) && !generic_forced();
+        for (form, variant) in &chosen {
+            assert!(*variant == "generic" || fits, "{form} chose {variant} on a device without fitting subgroups");
+        }
+        let cached = std::fs::read_to_string(dir.join("autotune.json")).unwrap_or_default();
+        for family in ["matmul_nn", "matmul_nt", "matmul_tn"] {
+            assert_eq!(cached.contains(family), fits, "cache entry for {family} (subgroups fit: {fits}):\n{cached}");
+        }
+        // The choices stay for the rest of the device's life, so a second request measures nothing.
+        assert_eq!(chosen_variants(&gpu).unwrap(), chosen);
+        for (i, layout) in LAYOUTS.into_iter().enumerate() {
+            let shape = MatmulShape::new(96, 64, 128, layout);
+            let seed = 500 + 10 * i as u64;
+            check_forward(&gpu, Preference::Auto, shape, true, usize::MAX, seed);
+            check_backward_input(&gpu, Preference::Auto, shape, false, usize::MAX, seed + 1);
+            check_backward_weight(&gpu, Preference::Auto, shape, usize::MAX, seed + 2);
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
