@@ -64,7 +64,7 @@ pub fn assets_dir() -> PathBuf {
 
 /// Returns the model directory that `train` uses when no `--model` is given.
 pub fn default_model_dir() -> PathBuf {
-    assets_dir().join("models").join("gpt2-tiny-shakespeare")
+    assets_dir().join("models").join("gpt2-tiny")
 }
 
 /// A model opened from a directory.
