@@ -7,7 +7,6 @@
 
 use super::ir::{chunk_shape, DType, Graph, Op, RowChunk, TensorId, TensorKind};
 use super::plan::Kernel;
-use crate::kernels::lmloss::VocabChunk;
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
 use std::collections::{HashMap, HashSet};
 
@@ -71,38 +70,28 @@ pub(crate) fn differentiate(graph: &mut Graph) -> Backward {
                     kernels.push(Kernel::XentBackward { rows: *rows, classes: *classes, logits: *logits, targets: *targets, loss: *loss, dlogits });
                 }
             }
-            Op::LmLoss { rows, channels, vocab, inp, wte, targets, stats, losses, loss, .. } => {
+            Op::LmLoss { rows, channels, vocab, row_chunk, inp, wte, targets, logits, stats, losses, loss } => {
                 let wte_trainable = wte.iter().any(|c| g.graph.is_trainable(c.tensor));
                 if !needs[*inp] && !wte_trainable {
                     continue;
                 }
-                // The forward kept no logits, so each chunk is recomputed, turned into its
-                // gradient in place, and multiplied back into the input and wte gradients.
-                let widest = wte.iter().map(|c| c.rows).max().unwrap_or(0);
-                let dlogits = g.graph.tensor("lm_logits.grad", &[*rows, widest], DType::F32, TensorKind::Scratch);
-                for chunk in wte {
-                    let shape = MatmulShape::new(*rows, *channels, chunk.rows, WeightLayout::OutIn);
-                    let vocab_chunk = VocabChunk { rows: *rows, cols: chunk.rows, col_offset: chunk.row_offset, vocab: *vocab };
-                    kernels.push(Kernel::LmLossChunkGrad {
-                        shape,
-                        chunk: vocab_chunk,
-                        inp: *inp,
-                        weight: chunk.tensor,
-                        targets: *targets,
-                        stats: *stats,
-                        losses: *losses,
-                        loss: *loss,
-                        dlogits,
-                    });
-                    if needs[*inp] {
-                        let (dinp, accumulate) = g.target(*inp);
-                        kernels.push(Kernel::MatmulInput { shape, dout: dlogits, weight: chunk.tensor, dinp, accumulate });
-                    }
-                    if g.graph.is_trainable(chunk.tensor) {
-                        let (dweight, _) = g.target(chunk.tensor);
-                        kernels.push(Kernel::MatmulWeight { shape, inp: *inp, dout: dlogits, dweight });
-                    }
-                }
+                let dinp = needs[*inp].then(|| g.target(*inp));
+                let dwte = wte.iter().map(|c| g.graph.is_trainable(c.tensor).then(|| g.target(c.tensor).0)).collect();
+                kernels.push(Kernel::LmLossFused {
+                    rows: *rows,
+                    channels: *channels,
+                    vocab: *vocab,
+                    row_chunk: *row_chunk,
+                    inp: *inp,
+                    wte: wte.clone(),
+                    targets: *targets,
+                    logits: *logits,
+                    stats: *stats,
+                    losses: *losses,
+                    loss: *loss,
+                    dinp,
+                    dwte,
+                });
             }
             Op::PoolLast { batch, seq_len, channels, hidden, lengths, pooled } => {
                 if needs[*hidden] && g.has_grad(*pooled) {

@@ -66,6 +66,39 @@ pub struct StepOutputs {
     pub counted: f32,
 }
 
+/// The tensors and sizes of one LM loss, with the row ranges its dispatches bind.
+struct LmLossBindings {
+    rows: usize,
+    channels: usize,
+    vocab: usize,
+    row_chunk: usize,
+    inp: TensorId,
+    targets: TensorId,
+    logits: TensorId,
+    stats: TensorId,
+    losses: TensorId,
+}
+
+impl LmLossBindings {
+    /// Binds rows `start..start + n` of tensor `t`, whose rows are `width` 4-byte values. Row
+    /// chunks start at multiples of 64 rows, so the offset meets WebGPU's storage alignment.
+    fn rows_of<'s>(&self, session: &'s Session<'_>, t: TensorId, start: usize, n: usize, width: usize) -> TensorBinding<'s> {
+        let whole = session.binding(t);
+        let offset = (start * width * 4) as u64;
+        let size = (n * width * 4) as u64;
+        assert!(offset + size <= whole.size, "rows {start}..{} of `{}` lie outside the tensor", start + n, session.name(t));
+        TensorBinding { buffer: whole.buffer, offset: whole.offset + offset, size }
+    }
+
+    /// Binds the logits block (n, chunk.rows) of vocabulary chunk `chunk`: the blocks of the
+    /// chunks lie one after another in `logits`, each sized for a full row chunk.
+    fn logits_block<'s>(&self, session: &'s Session<'_>, chunk: &super::ir::RowChunk, n: usize) -> TensorBinding<'s> {
+        let whole = session.binding(self.logits);
+        let offset = (self.row_chunk * chunk.row_offset * 4) as u64;
+        TensorBinding { buffer: whole.buffer, offset: whole.offset + offset, size: (n * chunk.rows * 4) as u64 }
+    }
+}
+
 /// A planned model on a device, ready to run steps.
 pub struct Session<'g> {
     gpu: &'g Gpu,
@@ -75,6 +108,9 @@ pub struct Session<'g> {
     dispatches: Vec<Dispatch>,
     forward_dispatches: usize,
     backward_dispatches: usize,
+    /// Dispatches of the forward LM loss, which a training step skips because its fused
+    /// backward kernel computes the same logits and loss (empty when there is none).
+    train_skip: std::ops::Range<usize>,
     step_buffer: wgpu::Buffer,
     settings: OptimizerSettings,
     optimizer_steps: u64,
@@ -130,6 +166,7 @@ impl<'g> Session<'g> {
             dispatches: Vec::new(),
             forward_dispatches: 0,
             backward_dispatches: 0,
+            train_skip: 0..0,
             step_buffer,
             settings,
             optimizer_steps: 0,
@@ -364,8 +401,8 @@ impl<'g> Session<'g> {
                 label: Some("training step"),
                 timestamp_writes: None,
             });
-            for dispatch in &self.dispatches[..end] {
-                dispatch.record(&mut pass);
+            for i in self.step_dispatches(train, end) {
+                self.dispatches[i].record(&mut pass);
             }
         }
         self.gpu.queue.submit(Some(encoder.finish()));
@@ -393,7 +430,8 @@ impl<'g> Session<'g> {
             };
             self.gpu.write(&self.step_buffer, 0, &[step]);
         }
-        let count = (2 * end) as u32;
+        let chosen = self.step_dispatches(train, end);
+        let count = (2 * chosen.len()) as u32;
         let query_set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("dispatch timestamps"),
             ty: wgpu::QueryType::Timestamp,
@@ -407,7 +445,7 @@ impl<'g> Session<'g> {
         });
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profiled step") });
-        for (i, dispatch) in self.dispatches[..end].iter().enumerate() {
+        for (i, dispatch) in chosen.iter().map(|&d| &self.dispatches[d]).enumerate() {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&dispatch.label),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
@@ -423,12 +461,19 @@ impl<'g> Session<'g> {
         let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
         let period_ns = f64::from(self.gpu.queue.get_timestamp_period());
         Ok(Some(
-            self.dispatches[..end]
+            chosen
                 .iter()
+                .map(|&d| &self.dispatches[d])
                 .enumerate()
                 .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
                 .collect(),
         ))
+    }
+
+    /// Returns the indices of the dispatches a step records, of the first `end`: all of them,
+    /// except the forward LM loss in a training step.
+    fn step_dispatches(&self, train: bool, end: usize) -> Vec<usize> {
+        (0..end).filter(|i| !(train && self.train_skip.contains(i))).collect()
     }
 
     /// Optimizer steps taken so far.
@@ -454,9 +499,14 @@ impl<'g> Session<'g> {
         let mut dispatches = Vec::new();
         let mut forward = 0;
         let mut backward = 0;
+        let fused = self.plan.kernels.iter().any(|k| matches!(k, Kernel::LmLossFused { .. }));
+        let mut train_skip = 0..0;
         for (i, kernel) in self.plan.kernels.iter().enumerate() {
             let before = dispatches.len();
             self.kernel_dispatches(kernel, &mut dispatches)?;
+            if fused && matches!(kernel, Kernel::Forward(Op::LmLoss { .. })) {
+                train_skip = before..dispatches.len();
+            }
             if i < self.plan.forward_end {
                 forward += dispatches.len() - before;
             } else if i < self.plan.backward_end {
@@ -466,6 +516,31 @@ impl<'g> Session<'g> {
         self.dispatches = dispatches;
         self.forward_dispatches = forward;
         self.backward_dispatches = backward;
+        self.train_skip = train_skip;
+        Ok(())
+    }
+
+    /// Records, for rows `start..start + row_chunk` (or fewer at the end), the logits of every
+    /// vocabulary chunk into its block of `logits` and their fold into the rows' statistics.
+    fn lm_logits_and_loss(&self, lm: &LmLossBindings, wte: &[super::ir::RowChunk], start: usize, out: &mut Vec<Dispatch>) -> Result<(), GpuError> {
+        let n = (lm.rows - start).min(lm.row_chunk);
+        for chunk in wte {
+            let name = self.name(chunk.tensor);
+            let shape = MatmulShape::new(n, lm.channels, chunk.rows, WeightLayout::OutIn);
+            let block = lm.logits_block(self, chunk, n);
+            let inp = lm.rows_of(self, lm.inp, start, n, lm.channels);
+            out.push(matmul::forward(self.gpu, &format!("lm logits {name}"), shape, inp, self.binding(chunk.tensor), None, block)?);
+            let c = VocabChunk { rows: n, cols: chunk.rows, col_offset: chunk.row_offset, vocab: lm.vocab };
+            out.push(lmloss::chunk_forward(
+                self.gpu,
+                &format!("lm loss {name}"),
+                c,
+                block,
+                lm.rows_of(self, lm.targets, start, n, 1),
+                lm.rows_of(self, lm.stats, start, n, 3),
+                lm.rows_of(self, lm.losses, start, n, 1),
+            )?);
+        }
         Ok(())
     }
 
@@ -555,30 +630,62 @@ impl<'g> Session<'g> {
                     out.push(crossentropy::forward(gpu, "cross-entropy", *rows, *classes, b(*logits), b(*targets), b(*losses))?);
                     out.push(crossentropy::mean(gpu, "cross-entropy mean", *rows, b(*losses), b(*targets), b(*loss))?);
                 }
-                Op::LmLoss { rows, channels, vocab, inp, wte, targets, logits, stats, losses, loss } => {
-                    for chunk in wte {
-                        let shape = MatmulShape::new(*rows, *channels, chunk.rows, WeightLayout::OutIn);
-                        let name = self.name(chunk.tensor);
-                        out.push(matmul::forward(gpu, &format!("lm logits {name}"), shape, b(*inp), b(chunk.tensor), None, b(*logits))?);
-                        let c = VocabChunk { rows: *rows, cols: chunk.rows, col_offset: chunk.row_offset, vocab: *vocab };
-                        out.push(lmloss::chunk_forward(gpu, &format!("lm loss {name}"), c, b(*logits), b(*targets), b(*stats), b(*losses))?);
+                Op::LmLoss { rows, channels, vocab, row_chunk, inp, wte, targets, logits, stats, losses, loss } => {
+                    let lm = LmLossBindings { rows: *rows, channels: *channels, vocab: *vocab, row_chunk: *row_chunk, inp: *inp, targets: *targets, logits: *logits, stats: *stats, losses: *losses };
+                    for start in (0..*rows).step_by(*row_chunk) {
+                        self.lm_logits_and_loss(&lm, wte, start, out)?;
                     }
                     out.push(crossentropy::mean(gpu, "lm loss mean", *rows, b(*losses), b(*targets), b(*loss))?);
                 }
             },
-            Kernel::LmLossChunkGrad { shape, chunk, inp, weight, targets, stats, losses, loss, dlogits } => {
-                let name = self.name(*weight);
-                out.push(matmul::forward(gpu, &format!("lm logits again {name}"), *shape, b(*inp), b(*weight), None, b(*dlogits))?);
-                out.push(lmloss::chunk_backward(
-                    gpu,
-                    &format!("lm loss grad {name}"),
-                    *chunk,
-                    b(*dlogits),
-                    b(*targets),
-                    b(*stats),
-                    b(*losses),
-                    b(*loss),
-                )?);
+            Kernel::LmLossFused { rows, channels, vocab, row_chunk, inp, wte, targets, logits, stats, losses, loss, dinp, dwte } => {
+                let lm = LmLossBindings { rows: *rows, channels: *channels, vocab: *vocab, row_chunk: *row_chunk, inp: *inp, targets: *targets, logits: *logits, stats: *stats, losses: *losses };
+                // The gradient divides by the number of counted rows, which depends only on the
+                // targets: the mean kernel writes it now (with a mean of stale losses that the
+                // last dispatch replaces).
+                out.push(crossentropy::mean(gpu, "lm loss count", *rows, b(*losses), b(*targets), b(*loss))?);
+                for start in (0..*rows).step_by(*row_chunk) {
+                    self.lm_logits_and_loss(&lm, wte, start, out)?;
+                    let n = (*rows - start).min(*row_chunk);
+                    for (i, chunk) in wte.iter().enumerate() {
+                        let name = self.name(chunk.tensor);
+                        let shape = MatmulShape::new(n, *channels, chunk.rows, WeightLayout::OutIn);
+                        let c = VocabChunk { rows: n, cols: chunk.rows, col_offset: chunk.row_offset, vocab: *vocab };
+                        let block = lm.logits_block(self, chunk, n);
+                        out.push(lmloss::chunk_backward(
+                            gpu,
+                            &format!("lm loss grad {name}"),
+                            c,
+                            block,
+                            lm.rows_of(self, *targets, start, n, 1),
+                            lm.rows_of(self, *stats, start, n, 3),
+                            lm.rows_of(self, *losses, start, n, 1),
+                            b(*loss),
+                        )?);
+                        if let Some((dinp, accumulate)) = dinp {
+                            out.push(matmul::backward_input(
+                                gpu,
+                                &format!("matmul input grad {}", self.name(*dinp)),
+                                shape,
+                                block,
+                                b(chunk.tensor),
+                                lm.rows_of(self, *dinp, start, n, *channels),
+                                *accumulate || i > 0,
+                            )?);
+                        }
+                        if let Some(dweight) = dwte[i] {
+                            out.push(matmul::backward_weight(
+                                gpu,
+                                &format!("matmul weight grad {}", self.name(dweight)),
+                                shape,
+                                lm.rows_of(self, *inp, start, n, *channels),
+                                block,
+                                b(dweight),
+                            )?);
+                        }
+                    }
+                }
+                out.push(crossentropy::mean(gpu, "lm loss mean", *rows, b(*losses), b(*targets), b(*loss))?);
             }
             Kernel::XentBackward { rows, classes, logits, targets, loss, dlogits } => {
                 out.push(crossentropy::backward(gpu, "cross-entropy backward", *rows, *classes, b(*logits), b(*targets), b(*loss), b(*dlogits))?);

@@ -131,13 +131,17 @@ pub(crate) enum Op {
     /// losses (N) = cross-entropy of logits (N,V) against targets (N, negative = ignored);
     /// loss (2) = [mean over counted rows, counted rows].
     CrossEntropy { rows: usize, classes: usize, logits: TensorId, targets: TensorId, losses: TensorId, loss: TensorId },
-    /// Next-token loss of logits = inp (N,C) @ wte^T without ever holding (N,V) logits: for each
-    /// row chunk of wte, its logits go to `logits` (N, largest chunk) and are folded into
-    /// `stats` (N,3); the last chunk writes losses (N); loss (2) = [mean, counted rows].
+    /// Next-token loss of logits = inp (N,C) @ wte^T without ever holding (N,V) logits. Rows
+    /// are taken `row_chunk` at a time. For each row chunk and each row chunk of wte (a
+    /// vocabulary chunk), the logits go to their block of `logits` (row_chunk, V) and are folded
+    /// into `stats` (N,3), and the last vocabulary chunk writes losses (N). Then loss (2) =
+    /// [mean, counted rows]. A training step skips this op: the backward recomputes the same
+    /// values with the gradients (`Kernel::LmLossFused`).
     LmLoss {
         rows: usize,
         channels: usize,
         vocab: usize,
+        row_chunk: usize,
         inp: TensorId,
         wte: Vec<RowChunk>,
         targets: TensorId,

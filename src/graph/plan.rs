@@ -1,9 +1,8 @@
 //! Planner: the full kernel sequence of a step, tensor lifetimes, buffer reuse and peak memory.
 
 use super::autodiff::{self, Backward};
-use super::ir::{DType, Graph, Op, TensorId, TensorKind};
+use super::ir::{DType, Graph, Op, RowChunk, TensorId, TensorKind};
 use crate::kernels::attention::AttentionShape;
-use crate::kernels::lmloss::VocabChunk;
 use crate::kernels::matmul::MatmulShape;
 
 /// One kernel of a step, with every tensor it binds.
@@ -11,18 +10,25 @@ use crate::kernels::matmul::MatmulShape;
 pub(crate) enum Kernel {
     Forward(Op),
     XentBackward { rows: usize, classes: usize, logits: TensorId, targets: TensorId, loss: TensorId, dlogits: TensorId },
-    /// Recomputes one vocabulary chunk of LM logits into `dlogits` and overwrites it with its
-    /// gradient (two dispatches).
-    LmLossChunkGrad {
-        shape: MatmulShape,
-        chunk: VocabChunk,
+    /// The LM loss of a training step with its gradients (it replaces the forward `Op::LmLoss`,
+    /// whose fields it repeats). For each row chunk: the logits of every vocabulary chunk and
+    /// the loss, then each chunk's gradient in place, multiplied into the input gradient
+    /// (`dinp`, with its accumulate flag) and the gradients of trainable wte chunks (`dwte`).
+    /// Logits exist for one row chunk at a time and are computed once per step.
+    LmLossFused {
+        rows: usize,
+        channels: usize,
+        vocab: usize,
+        row_chunk: usize,
         inp: TensorId,
-        weight: TensorId,
+        wte: Vec<RowChunk>,
         targets: TensorId,
+        logits: TensorId,
         stats: TensorId,
         losses: TensorId,
         loss: TensorId,
-        dlogits: TensorId,
+        dinp: Option<(TensorId, bool)>,
+        dwte: Vec<Option<TensorId>>,
     },
     PoolBackward { batch: usize, seq_len: usize, channels: usize, dpooled: TensorId, lengths: TensorId, dhidden: TensorId, accumulate: bool },
     MatmulInput { shape: MatmulShape, dout: TensorId, weight: TensorId, dinp: TensorId, accumulate: bool },
@@ -84,8 +90,12 @@ impl Kernel {
                 v
             }
             XentBackward { logits, targets, loss, dlogits, .. } => vec![*logits, *targets, *loss, *dlogits],
-            LmLossChunkGrad { inp, weight, targets, stats, losses, loss, dlogits, .. } => {
-                vec![*inp, *weight, *targets, *stats, *losses, *loss, *dlogits]
+            LmLossFused { inp, wte, targets, logits, stats, losses, loss, dinp, dwte, .. } => {
+                let mut v = vec![*inp, *targets, *logits, *stats, *losses, *loss];
+                v.extend(wte.iter().map(|c| c.tensor));
+                v.extend(dinp.iter().map(|&(t, _)| t));
+                v.extend(dwte.iter().flatten().copied());
+                v
             }
             PoolBackward { dpooled, lengths, dhidden, .. } => vec![*dpooled, *lengths, *dhidden],
             MatmulInput { dout, weight, dinp, .. } => vec![*dout, *weight, *dinp],
@@ -142,7 +152,13 @@ impl Kernel {
                 Op::LmLoss { rows, channels, vocab, .. } => 2 * (rows * channels * vocab) as u64 + 4 * (rows * vocab) as u64,
             },
             XentBackward { rows, classes, .. } => 3 * (rows * classes) as u64,
-            LmLossChunkGrad { shape, .. } => matmul(shape) + 3 * (shape.rows * shape.cols) as u64,
+            // The logits product is counted once, by the forward op that a training step skips:
+            // here only the two gradient products and the elementwise gradient of the loss.
+            LmLossFused { rows, channels, vocab, wte, dinp, dwte, .. } => {
+                let input = if dinp.is_some() { 2 * (rows * channels * vocab) as u64 } else { 0 };
+                let weight: u64 = wte.iter().zip(dwte).filter(|(_, d)| d.is_some()).map(|(c, _)| 2 * (rows * channels * c.rows) as u64).sum();
+                input + weight + 3 * (rows * vocab) as u64
+            }
             PoolBackward { .. } => 0,
             MatmulInput { shape, .. } | MatmulWeight { shape, .. } | MatmulNf4Input { shape, .. } => matmul(shape),
             MatmulBias { shape, .. } => (shape.rows * shape.cols) as u64,
@@ -310,8 +326,14 @@ impl Plan {
             }
         }
         let activation_bytes: u64 = self.pool_sizes.iter().sum();
+        // A training step skips the forward LM loss, whose work the fused backward kernel does.
+        let skipped: usize = if self.kernels[self.forward_end..].iter().any(|k| matches!(k, Kernel::LmLossFused { .. })) {
+            self.kernels[..self.forward_end].iter().filter(|k| matches!(k, Kernel::Forward(Op::LmLoss { .. }))).map(dispatch_count).sum()
+        } else {
+            0
+        };
         PlanSummary {
-            forward_dispatches: count(0..self.forward_end),
+            forward_dispatches: count(0..self.forward_end) - skipped,
             backward_dispatches: count(self.forward_end..self.backward_end),
             optimizer_dispatches: count(self.backward_end..self.kernels.len()),
             forward_flops: flops(0..self.forward_end),
@@ -337,9 +359,14 @@ pub(crate) fn dispatch_count(kernel: &Kernel) -> usize {
         // probability gradient, the softmax backward and the query and key/value gradients.
         Kernel::Forward(Op::Attention { .. }) => 3,
         Kernel::Forward(Op::CrossEntropy { .. }) => 2,
-        // A matmul and a fold per chunk, then the mean.
-        Kernel::Forward(Op::LmLoss { wte, .. }) => 2 * wte.len() + 1,
-        Kernel::LmLossChunkGrad { .. } => 2,
+        // A matmul and a fold per row and vocabulary chunk, then the mean.
+        Kernel::Forward(Op::LmLoss { rows, row_chunk, wte, .. }) => rows.div_ceil(*row_chunk) * 2 * wte.len() + 1,
+        // The count before and the mean after; per row and vocabulary chunk a matmul, a fold,
+        // the gradient in place and the gradient products.
+        Kernel::LmLossFused { rows, row_chunk, wte, dinp, dwte, .. } => {
+            let per_row_chunk = 3 * wte.len() + dinp.map_or(0, |_| wte.len()) + dwte.iter().flatten().count();
+            2 + rows.div_ceil(*row_chunk) * per_row_chunk
+        }
         Kernel::AttentionBackward { .. } => 4,
         _ => 1,
     }

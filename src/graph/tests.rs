@@ -133,8 +133,9 @@ fn gpt2_small_trains_under_binding_limit() {
 }
 
 /// Pretraining GPT-2 small at its full context: the chunked loss keeps every tensor under the
-/// binding limit, keeps at most two logits chunks instead of the (B*T, V) logits, and costs the
-/// four LM-head products (forward, recompute, input and weight gradients) of 2*B*T*C*V each.
+/// binding limit, keeps the logits of one row chunk (at most 80 MiB) instead of the (B*T, V)
+/// logits, and costs three LM-head products of 2*B*T*C*V each (logits, input and weight
+/// gradients), because a training step computes the logits once.
 #[test]
 fn chunked_lm_loss_never_holds_whole_logits() {
     let config = Gpt2Config::small();
@@ -156,15 +157,45 @@ fn chunked_lm_loss_never_holds_whole_logits() {
         }
     }
     assert!(logits_bytes > 0, "the plan has no logits chunk");
-    assert!(logits_bytes * 6 < whole_logits, "logits chunks take {logits_bytes} bytes, whole logits {whole_logits}");
-    let head_products: u64 = p
+    assert!(logits_bytes <= 80 << 20, "logits chunks take {logits_bytes} bytes, over 80 MiB");
+    assert!(logits_bytes * 4 < whole_logits, "logits chunks take {logits_bytes} bytes, whole logits {whole_logits}");
+    let head_flops: u64 = p
         .kernels
         .iter()
-        .filter(|k| matches!(k, Kernel::LmLossChunkGrad { .. } | Kernel::Forward(super::ir::Op::LmLoss { .. })))
+        .filter(|k| matches!(k, Kernel::LmLossFused { .. } | Kernel::Forward(super::ir::Op::LmLoss { .. })))
         .map(Kernel::flops)
         .sum();
     let one_product = 2 * rows * config.n_embd as u64 * config.vocab_size as u64;
-    // Forward and recompute are counted here; the input and weight gradients are matmul kernels.
-    assert!(head_products >= 2 * one_product, "head FLOPs {head_products} below two products");
-    assert!(head_products < 2 * one_product + one_product / 10, "head FLOPs {head_products} above two products");
+    assert!(head_flops >= 3 * one_product, "head FLOPs {head_flops} below three products");
+    assert!(head_flops < 3 * one_product + one_product / 10, "head FLOPs {head_flops} above three products");
+    // No other kernel multiplies by wte: the gradient products are part of the fused kernel.
+    let wte_products = p.kernels.iter().filter(|k| match k {
+        Kernel::MatmulInput { weight, .. } => p.graph.tensors[*weight].name.starts_with("wte"),
+        Kernel::MatmulWeight { dweight, .. } => p.graph.tensors[*dweight].name.starts_with("wte"),
+        _ => false,
+    });
+    assert_eq!(wte_products.count(), 0, "separate wte gradient products outside the fused LM loss");
+}
+
+/// Row and vocabulary chunks of the LM loss: all rows when their logits fit, else aligned row
+/// chunks within the logits budget and the binding limit.
+#[test]
+fn lm_chunks_fit_budget_and_alignment() {
+    use crate::model::gpt2::lm_chunks;
+    // Few rows: one row chunk, vocabulary chunks of 8,192.
+    let small = lm_chunks(16, 128, 50257, LAVAPIPE_BINDING);
+    assert_eq!(small.row_chunk, 16);
+    assert_eq!(small.vocab_rows, 8192);
+    // 1,024 rows of GPT-2 logits are 206 MB: 384-row chunks of 77 MB.
+    let tiny = lm_chunks(1024, 128, 50257, LAVAPIPE_BINDING);
+    assert_eq!(tiny.row_chunk, 384);
+    assert_eq!(tiny.vocab_rows, 8192);
+    // A 2 MiB binding limit: a logits block (rows, 8192) fits only 64 rows.
+    let narrow = lm_chunks(200, 32, 50257, 2 << 20);
+    assert_eq!(narrow.row_chunk, 64);
+    assert_eq!(narrow.vocab_rows, 8192);
+    assert!(narrow.row_chunk as u64 * narrow.vocab_rows as u64 * 4 <= 2 << 20);
+    // A wide model: the wte chunk (rows, C) must fit the limit too.
+    let wide = lm_chunks(100, 4096, 50257, 64 << 20);
+    assert_eq!(wide.vocab_rows, 4096);
 }

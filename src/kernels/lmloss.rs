@@ -2,10 +2,11 @@
 //!
 //! The language-model loss needs logits (rows, vocab): 206 MB for 1,024 tokens of GPT-2, over
 //! the 128 MiB binding limit of some adapters and wasteful on all. The graph computes one chunk
-//! of logits at a time (a matmul against a row chunk of wte) and calls [`chunk_forward`] on it,
-//! which folds the chunk into a running log-sum-exp per row. The backward recomputes each chunk
-//! and turns it into its gradient in place with [`chunk_backward`]. The mean over counted rows
-//! reuses [`crossentropy::mean`](super::crossentropy::mean).
+//! of logits at a time (a matmul of some rows against a row chunk of wte) and calls
+//! [`chunk_forward`] on it, which folds the chunk into a running log-sum-exp per row. Once every
+//! vocabulary chunk of those rows is folded, a training step turns each chunk into its gradient
+//! in place with [`chunk_backward`]. The mean over counted rows reuses
+//! [`crossentropy::mean`](super::crossentropy::mean).
 //!
 //! Targets follow the cross-entropy convention: negative means ignored; a target >= vocab gives
 //! a NaN loss and NaN gradients.
@@ -114,7 +115,7 @@ pub(crate) fn chunk_forward(
     gpu.dispatch(&FORWARD, label, Some(bytemuck::bytes_of(&p)), &[chunk, targets, stats, losses, placeholder], grid)
 }
 
-/// Overwrites a recomputed chunk of logits with the gradient of the mean loss:
+/// Overwrites a chunk of logits with the gradient of the mean loss:
 /// `chunk[r, j] = (exp(chunk[r, j] - max[r]) / sum[r] - [col_offset + j == t[r]]) / count`.
 ///
 /// # Shapes

@@ -311,7 +311,7 @@ pub(crate) fn build_graph_with_lora(
     let (wte_part, wte_chunk_bytes) = match head {
         Head::LanguageModel => (Part::Head, max_binding),
         // Each wte chunk also sets the width of one logits chunk (B*T rows of it).
-        Head::LanguageModelLoss => (Part::Head, lm_chunk_rows(b * t, c, max_binding) as u64 * (c as u64 * 4)),
+        Head::LanguageModelLoss => (Part::Head, lm_chunks(b * t, c, v, max_binding).vocab_rows as u64 * (c as u64 * 4)),
         Head::Classifier { .. } => (Part::Embeddings, max_binding),
     };
     let wte = bld.chunked_param("wte.weight", v, c, wte_part, wte_chunk_bytes);
@@ -367,30 +367,56 @@ pub(crate) fn build_graph_with_lora(
         Head::LanguageModelLoss => {
             let rows = b * t;
             let normed = bld.layernorm("ln_f", x, rows, Part::FinalNorm);
-            let widest = wte.iter().map(|chunk| chunk.rows).max().unwrap_or(0);
-            let logits = bld.g.activation("lm_logits", &[rows, widest]);
+            let row_chunk = lm_chunks(rows, c, v, max_binding).row_chunk;
+            let logits = bld.g.activation("lm_logits", &[row_chunk, v]);
             let stats = bld.g.activation("lm_stats", &[rows, 3]);
             let targets = bld.g.tensor("targets", &[rows], DType::I32, TensorKind::Input);
             let losses = bld.g.activation("losses", &[rows]);
             let loss = bld.g.tensor("loss", &[2], DType::F32, TensorKind::Output);
-            bld.g.push(Op::LmLoss { rows, channels: c, vocab: v, inp: normed, wte, targets, logits, stats, losses, loss });
+            bld.g.push(Op::LmLoss { rows, channels: c, vocab: v, row_chunk, inp: normed, wte, targets, logits, stats, losses, loss });
         }
     }
     bld.g
 }
 
-/// Bytes of one chunk of LM logits: large enough that each chunk's matmul is big, small enough
-/// that the forward and backward chunk buffers stay a small part of a step's memory.
-const LM_LOGITS_CHUNK_BYTES: u64 = 32 << 20;
+/// Bytes of the logits of one row chunk of the LM loss, (row chunk, vocab): large enough that
+/// each chunk's products are big, small enough to stay a modest part of a step's memory.
+const LM_LOGITS_BYTES: u64 = 80 << 20;
 
-/// Rows of wte per chunk of the chunked LM loss with `rows` = B*T positions and `channels` = C:
-/// the chunk's logits (rows, chunk) and its wte rows (chunk, C) must each fit in `max_binding`
-/// bytes, and the logits in [`LM_LOGITS_CHUNK_BYTES`].
-fn lm_chunk_rows(rows: usize, channels: usize, max_binding: u64) -> usize {
-    let logits_budget = max_binding.min(LM_LOGITS_CHUNK_BYTES);
-    let by_logits = logits_budget / (rows.max(1) as u64 * 4);
-    let by_weight = max_binding / (channels.max(1) as u64 * 4);
-    (by_logits.min(by_weight) as usize).max(1)
+/// Widest vocabulary chunk of the LM loss. A multiple of 128, so that every chunk but the last
+/// fills whole blocks of the subgroup matmul and keeps rows aligned for vec4 loads.
+const LM_VOCAB_CHUNK: usize = 8192;
+
+/// Row chunks of the LM loss start at multiples of this many rows. A row range of targets,
+/// losses, statistics (3 floats per row) and hidden states then starts on a 256-byte boundary,
+/// the largest storage offset alignment that WebGPU allows an adapter to require.
+const LM_ROW_ALIGN: usize = 64;
+
+/// Split of the LM loss's (rows, vocab) logits into row and vocabulary chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LmChunks {
+    /// Rows of wte (vocabulary entries) per chunk.
+    pub vocab_rows: usize,
+    /// Rows (positions) whose logits over the whole vocabulary exist at once.
+    pub row_chunk: usize,
+}
+
+/// Chunks of the LM loss with `rows` = B*T positions, `channels` = C and `vocab` = V. A wte chunk
+/// (vocab_rows, C) and a logits chunk (row_chunk, vocab_rows) must each fit in `max_binding`
+/// bytes, and the logits of one row chunk (row_chunk, V) in [`LM_LOGITS_BYTES`]. A row chunk is
+/// all rows when they fit, else a multiple of [`LM_ROW_ALIGN`].
+pub(crate) fn lm_chunks(rows: usize, channels: usize, vocab: usize, max_binding: u64) -> LmChunks {
+    let by_weight = (max_binding / (channels.max(1) as u64 * 4)) as usize;
+    let by_logits = (max_binding / (LM_ROW_ALIGN as u64 * 4)) as usize;
+    let vocab_rows = LM_VOCAB_CHUNK.min(by_weight).min(by_logits).clamp(1, vocab.max(1));
+    let fit = |r: usize| r as u64 * vocab as u64 * 4 <= LM_LOGITS_BYTES && r as u64 * vocab_rows as u64 * 4 <= max_binding;
+    let row_chunk = if fit(rows) {
+        rows.max(1)
+    } else {
+        let budget = (LM_LOGITS_BYTES / (vocab.max(1) as u64 * 4)).min(max_binding / (vocab_rows as u64 * 4)) as usize;
+        (budget / LM_ROW_ALIGN * LM_ROW_ALIGN).max(LM_ROW_ALIGN)
+    };
+    LmChunks { vocab_rows, row_chunk }
 }
 
 /// Plans one training step without a device and returns its counts, FLOPs and memory.

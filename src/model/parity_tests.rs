@@ -7,6 +7,7 @@ use crate::model::config::Gpt2Config;
 use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
 use crate::model::weights::{self, HeadKind, LoadOptions, Weights};
 use crate::testing::{assert_close, test_gpu};
+use rand::{Rng, SeedableRng};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -290,6 +291,49 @@ fn chunked_language_model_loss_matches_transformers() {
     let loss = session.read_loss().expect("loss reads");
     assert_close("chunked LM loss", &[loss.loss], case.golden.get("loss"), LOGIT_ATOL, LOGIT_RTOL);
     check_grads(&session, &case.golden, &case.weights, "grad", |_| true);
+}
+
+/// Several row chunks (64 rows each, forced by a 2 MiB binding limit) give the loss and
+/// gradients of a single row chunk: the fused kernel binds the right rows of every tensor and
+/// accumulates the wte gradient across chunks.
+#[test]
+fn lm_loss_row_chunks_match_single_chunk() {
+    let Some(gpu) = test_gpu() else { return };
+    let case = lm_case();
+    let shape = BatchShape { batch: 4, seq_len: 50 };
+    let rows = shape.batch * shape.seq_len;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let ids: Vec<u32> = (0..rows).map(|_| rng.random_range(0..case.config.vocab_size as u32)).collect();
+    // Next-token targets, with the last position of each sequence and a few others ignored.
+    let targets: Vec<i32> = (0..rows)
+        .map(|i| if (i + 1) % shape.seq_len == 0 || i % 17 == 3 { -1 } else { ids[i + 1] as i32 })
+        .collect();
+    let lengths = vec![shape.seq_len as u32; shape.batch];
+
+    let run = |max_binding: u64| {
+        let graph = build_graph(&case.config, Head::LanguageModelLoss, shape, Trainable::All, max_binding);
+        let mut session = Session::new(gpu, graph, &case.weights, true, settings()).expect("session builds");
+        session.set_inputs(&StepInputs { ids: &ids, lengths: &lengths, targets: &targets });
+        session.submit(true, None, 1.0).expect("step runs");
+        let loss = session.read_loss().expect("loss reads");
+        let grads: Vec<(String, Vec<f32>)> = case
+            .weights
+            .tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), session.read_param_state(name, ".grad", t.data.len()).unwrap().expect("gradient exists")))
+            .collect();
+        (loss, grads)
+    };
+
+    let (chunked_loss, chunked) = run(2 << 20);
+    let (whole_loss, whole) = run(gpu.limits().max_storage_buffer_binding_size);
+    assert_eq!(chunked_loss.counted, whole_loss.counted);
+    assert!(chunked_loss.counted > 100.0, "only {} rows counted", chunked_loss.counted);
+    assert_close("loss over row chunks", &[chunked_loss.loss], &[f64::from(whole_loss.loss)], 1e-5, 1e-6);
+    for ((name, got), (_, want)) in chunked.iter().zip(&whole) {
+        let want = crate::testing::to_f64(want);
+        assert_close(&format!("gradient of {name} over row chunks"), got, &want, 1e-5 * max_abs(&want), 1e-4);
+    }
 }
 
 #[test]
