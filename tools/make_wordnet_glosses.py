@@ -11,8 +11,8 @@ Input: the `data.noun`, `data.verb`, `data.adj`, `data.adv` and `cntlist.rev` fi
     python3 tools/make_wordnet_glosses.py wn/usr/share/wordnet assets/corpus/wordnet-glosses.txt
 
 Kept: every synset with at least one lemma that `cntlist.rev` counts (a word sense tagged in the
-SemCor texts), written as `lemma, lemma: gloss; "example"` one per line, in an order shuffled
-with a fixed seed so that the held-out tail of the file samples every part of speech.
+SemCor texts), written as `lemma, lemma: gloss; "example"`, one per line. The lines are shuffled
+with a fixed seed, so the held-out tail of the file samples every part of speech.
 """
 import os
 import random
