@@ -80,14 +80,15 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
             }
             println!("adapter: {}", gpu.describe());
             println!("matmul:  {} (autotune {})", shadertune::bench::matmul_variants(&gpu)?, autotune_word(&gpu));
-            println!("{:<42} {:<36} {:>10} {:>12}", "kernel", "shape", "median ms", "rate");
+            let width = results.iter().map(|r| r.kernel.len()).max().unwrap_or(0).max(6);
+            println!("{:<width$} {:<36} {:>10} {:>12}", "kernel", "shape", "median ms", "rate");
             for r in &results {
                 let rate = match (r.gflops, r.gbps) {
                     (Some(g), _) => format!("{g:.2} GFLOP/s"),
                     (None, Some(b)) => format!("{b:.2} GB/s"),
                     _ => String::new(),
                 };
-                println!("{:<42} {:<36} {:>10.3} {:>12}", r.kernel, r.shape, r.ms, rate);
+                println!("{:<width$} {:<36} {:>10.3} {:>12}", r.kernel, r.shape, r.ms, rate);
             }
             Ok(())
         }

@@ -56,7 +56,7 @@ pub(crate) struct DeviceArgs {
     pub adapter: Option<usize>,
     /// Kernel variants: `on` times the candidates once per adapter and driver and caches the
     /// choice (in SHADERTUNE_CACHE_DIR, else the user's cache directory under shadertune/);
-    /// `off` uses the fixed defaults documented in BENCHMARKS.md.
+    /// `off` uses the fixed defaults documented in the README.
     #[arg(long, default_value = "on", value_name = "on|off", value_parser = parse_autotune)]
     pub autotune: shadertune::gpu::Autotune,
 }

@@ -338,12 +338,12 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let test_data = EncodedExamples { seq_len, ..test_data };
     let truncated = train_data.truncated + val_data.truncated + test_data.truncated;
     log::info!(
-        "split: {} train, {} validation, {} test; {} tokens per sequence, {} examples truncated",
+        "split: {} train, {} validation, {} test; {} tokens per sequence, {} truncated",
         splits.train.len(),
         splits.validation.len(),
         splits.test.len(),
         seq_len,
-        truncated
+        if truncated == 1 { "1 example".to_string() } else { format!("{truncated} examples") }
     );
     if let Trainable::LastBlocks(n) = config.trainable {
         if n > model.config.n_layer {
