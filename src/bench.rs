@@ -390,7 +390,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     Ok(out)
 }
 
-/// The matmul variant each product form uses on `gpu` (autotuned where the device has autotuning
+/// Returns the matmul variant each product form uses on `gpu` (autotuned where the device has autotuning
 /// on and more than one variant fits), as `nn subgroup, nt subgroup, tn subgroup`.
 pub fn matmul_variants(gpu: &Gpu) -> Result<String, GpuError> {
     let chosen = matmul::chosen_variants(gpu)?;

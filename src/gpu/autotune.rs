@@ -2,12 +2,12 @@
 //!
 //! A kernel family with several variants (the matmul has a generic register-blocked shader and a
 //! subgroup shader for 8-lane adapters) calls [`Gpu::tuned`] to get the one to use. With autotuning off,
-//! the answer is the family's documented default. With it on, the first request on a machine
+//! it gets the family's documented default. With it on, the first request on a machine
 //! times every candidate on a representative problem and keeps the fastest, unless the default is
 //! within [`KEEP_DEFAULT_WITHIN`] of it: noise must not flip a choice. The result goes to
 //! `autotune.json` in the cache directory under a key made of the adapter's name, backend, driver,
-//! driver version, the family and a hash of the kernel sources, so a new driver or an edited
-//! shader is measured again while other entries stay.
+//! driver version, the family and a hash of the kernel sources. A new driver or an edited
+//! shader is therefore measured again, while other entries stay.
 //!
 //! Cache directory: `SHADERTUNE_CACHE_DIR` if set, else `XDG_CACHE_HOME/shadertune`, else
 //! `~/.cache/shadertune` (`%LOCALAPPDATA%\shadertune` on Windows). A cache that cannot be read or
@@ -103,7 +103,8 @@ fn read_cache(path: &Path) -> CacheFile {
 }
 
 /// Looks `key` up in the cache file at `path`, or measures every candidate with `measure`
-/// (median milliseconds), picks one and stores it. `candidates` must contain `default`.
+/// (median milliseconds), picks one and stores it. `candidates` must contain `default`. Returns
+/// the entry and whether it was measured now.
 ///
 /// Another process may have added entries in the meantime: the file is read again just before
 /// writing, and written through a temporary file and a rename.
@@ -113,12 +114,12 @@ pub(crate) fn choose(
     candidates: &[&str],
     default: &str,
     mut measure: impl FnMut(&str) -> Result<f64, GpuError>,
-) -> Result<CacheEntry, GpuError> {
+) -> Result<(CacheEntry, bool), GpuError> {
     debug_assert!(candidates.contains(&default), "the default `{default}` is one of the candidates");
     if let Some(path) = path {
         if let Some(entry) = read_cache(path).entries.get(key) {
             if candidates.contains(&entry.choice.as_str()) {
-                return Ok(entry.clone());
+                return Ok((entry.clone(), false));
             }
         }
     }
@@ -145,7 +146,7 @@ pub(crate) fn choose(
             log::warn!("could not write the autotune cache {}: {error}; the next run measures again", path.display());
         }
     }
-    Ok(entry)
+    Ok((entry, true))
 }
 
 impl Gpu {
@@ -176,10 +177,9 @@ impl Gpu {
             self.info.driver_info,
             source_hash(sources)
         );
-        let path = self.autotune_cache.clone();
-        let cached = path.as_deref().is_some_and(|p| read_cache(p).entries.contains_key(&key));
-        let entry = choose(path.as_deref(), &key, candidates, default, measure)?;
-        if !cached {
+        let path = self.autotune_cache.as_deref();
+        let (entry, measured) = choose(path, &key, candidates, default, measure)?;
+        if measured {
             let timings: Vec<String> = entry.timings_ms.iter().map(|(name, ms)| format!("{name} {ms:.2} ms")).collect();
             log::info!(
                 "autotune: {family} uses `{}` ({}){}",
@@ -214,7 +214,7 @@ mod tests {
         let times = |generic: f64, subgroup: f64| {
             move |c: &str| Ok(if c == "generic" { generic } else { subgroup })
         };
-        let pick = |g, s| choose(None, "k", &["generic", "subgroup"], "subgroup", times(g, s)).unwrap().choice;
+        let pick = |g, s| choose(None, "k", &["generic", "subgroup"], "subgroup", times(g, s)).unwrap().0.choice;
         assert_eq!(pick(10.0, 20.0), "generic");
         assert_eq!(pick(20.0, 10.0), "subgroup");
         // 5% faster is within the margin: the default stays.
@@ -230,20 +230,22 @@ mod tests {
             calls.borrow_mut().push(c.to_string());
             Ok(if c == "generic" { 5.0 } else { 50.0 })
         };
-        let first = choose(Some(&path), "adapter | family | 1", &["generic", "subgroup"], "subgroup", measure).unwrap();
+        let first = choose(Some(&path), "adapter | family | 1", &["generic", "subgroup"], "subgroup", measure).unwrap().0;
         assert_eq!(first.choice, "generic");
         assert_eq!(calls.borrow().len(), 2);
         let again = choose(Some(&path), "adapter | family | 1", &["generic", "subgroup"], "subgroup", |_| {
             panic!("a cached key is not measured again")
         })
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(again.choice, "generic");
         assert_eq!(again.timings_ms["subgroup"], 50.0);
         // Another source hash is another key; the first entry stays in the file.
         let other = choose(Some(&path), "adapter | family | 2", &["generic", "subgroup"], "subgroup", |c| {
             Ok(if c == "generic" { 50.0 } else { 5.0 })
         })
-        .unwrap();
+        .unwrap()
+        .0;
         assert_eq!(other.choice, "subgroup");
         let file = read_cache(&path);
         assert_eq!(file.entries.len(), 2);
@@ -256,11 +258,11 @@ mod tests {
         let path = temp_cache("damaged");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"{\"format_version\": 1, \"entries\": {\"k\": {\"choi").unwrap();
-        let entry = choose(Some(&path), "k", &["generic", "subgroup"], "subgroup", |c| Ok(if c == "generic" { 1.0 } else { 2.0 })).unwrap();
+        let entry = choose(Some(&path), "k", &["generic", "subgroup"], "subgroup", |c| Ok(if c == "generic" { 1.0 } else { 2.0 })).unwrap().0;
         assert_eq!(entry.choice, "generic");
         assert_eq!(read_cache(&path).entries["k"].choice, "generic");
         // A cached choice that is no longer a candidate is measured again.
-        let entry = choose(Some(&path), "k", &["subgroup", "tiled"], "subgroup", |c| Ok(if c == "tiled" { 1.0 } else { 2.0 })).unwrap();
+        let entry = choose(Some(&path), "k", &["subgroup", "tiled"], "subgroup", |c| Ok(if c == "tiled" { 1.0 } else { 2.0 })).unwrap().0;
         assert_eq!(entry.choice, "tiled");
         let _ = std::fs::remove_dir_all(path.parent().unwrap());
     }
@@ -273,7 +275,7 @@ mod tests {
         let file_as_dir = blocker.parent().unwrap().join("not-a-dir");
         std::fs::write(&file_as_dir, b"x").unwrap();
         let path = file_as_dir.join("autotune.json");
-        let entry = choose(Some(&path), "k", &["generic", "subgroup"], "subgroup", |c| Ok(if c == "generic" { 1.0 } else { 2.0 })).unwrap();
+        let entry = choose(Some(&path), "k", &["generic", "subgroup"], "subgroup", |c| Ok(if c == "generic" { 1.0 } else { 2.0 })).unwrap().0;
         assert_eq!(entry.choice, "generic");
         let _ = std::fs::remove_dir_all(blocker.parent().unwrap());
     }

@@ -90,6 +90,22 @@ impl LmLossBindings {
         TensorBinding { buffer: whole.buffer, offset: whole.offset + offset, size }
     }
 
+    /// Returns the number of rows of the row chunk that starts at `start`.
+    fn rows_from(&self, start: usize) -> usize {
+        (self.rows - start).min(self.row_chunk)
+    }
+
+    /// Returns the product shape and the loss chunk of `n` rows against wte chunk `chunk`.
+    fn chunk_shapes(&self, chunk: &super::ir::RowChunk, n: usize) -> (MatmulShape, VocabChunk) {
+        let shape = MatmulShape::new(n, self.channels, chunk.rows, WeightLayout::OutIn);
+        (shape, VocabChunk { rows: n, cols: chunk.rows, col_offset: chunk.row_offset, vocab: self.vocab })
+    }
+
+    /// Binds rows `start..start + n` of the targets, the statistics and the losses.
+    fn loss_rows<'s>(&self, session: &'s Session<'_>, start: usize, n: usize) -> [TensorBinding<'s>; 3] {
+        [self.rows_of(session, self.targets, start, n, 1), self.rows_of(session, self.stats, start, n, 3), self.rows_of(session, self.losses, start, n, 1)]
+    }
+
     /// Binds the logits block (n, chunk.rows) of vocabulary chunk `chunk`: the blocks of the
     /// chunks lie one after another in `logits`, each sized for a full row chunk.
     fn logits_block<'s>(&self, session: &'s Session<'_>, chunk: &super::ir::RowChunk, n: usize) -> TensorBinding<'s> {
@@ -430,7 +446,7 @@ impl<'g> Session<'g> {
             };
             self.gpu.write(&self.step_buffer, 0, &[step]);
         }
-        let chosen = self.step_dispatches(train, end);
+        let chosen: Vec<usize> = self.step_dispatches(train, end).collect();
         let count = (2 * chosen.len()) as u32;
         let query_set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("dispatch timestamps"),
@@ -472,8 +488,8 @@ impl<'g> Session<'g> {
 
     /// Returns the indices of the dispatches a step records, of the first `end`: all of them,
     /// except the forward LM loss in a training step.
-    fn step_dispatches(&self, train: bool, end: usize) -> Vec<usize> {
-        (0..end).filter(|i| !(train && self.train_skip.contains(i))).collect()
+    fn step_dispatches(&self, train: bool, end: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..end).filter(move |i| !(train && self.train_skip.contains(i)))
     }
 
     /// Optimizer steps taken so far.
@@ -523,23 +539,15 @@ impl<'g> Session<'g> {
     /// Records, for rows `start..start + row_chunk` (or fewer at the end), the logits of every
     /// vocabulary chunk into its block of `logits` and their fold into the rows' statistics.
     fn lm_logits_and_loss(&self, lm: &LmLossBindings, wte: &[super::ir::RowChunk], start: usize, out: &mut Vec<Dispatch>) -> Result<(), GpuError> {
-        let n = (lm.rows - start).min(lm.row_chunk);
+        let n = lm.rows_from(start);
+        let inp = lm.rows_of(self, lm.inp, start, n, lm.channels);
+        let [targets, stats, losses] = lm.loss_rows(self, start, n);
         for chunk in wte {
             let name = self.name(chunk.tensor);
-            let shape = MatmulShape::new(n, lm.channels, chunk.rows, WeightLayout::OutIn);
+            let (shape, c) = lm.chunk_shapes(chunk, n);
             let block = lm.logits_block(self, chunk, n);
-            let inp = lm.rows_of(self, lm.inp, start, n, lm.channels);
             out.push(matmul::forward(self.gpu, &format!("lm logits {name}"), shape, inp, self.binding(chunk.tensor), None, block)?);
-            let c = VocabChunk { rows: n, cols: chunk.rows, col_offset: chunk.row_offset, vocab: lm.vocab };
-            out.push(lmloss::chunk_forward(
-                self.gpu,
-                &format!("lm loss {name}"),
-                c,
-                block,
-                lm.rows_of(self, lm.targets, start, n, 1),
-                lm.rows_of(self, lm.stats, start, n, 3),
-                lm.rows_of(self, lm.losses, start, n, 1),
-            )?);
+            out.push(lmloss::chunk_forward(self.gpu, &format!("lm loss {name}"), c, block, targets, stats, losses)?);
         }
         Ok(())
     }
@@ -646,22 +654,13 @@ impl<'g> Session<'g> {
                 out.push(crossentropy::mean(gpu, "lm loss count", *rows, b(*losses), b(*targets), b(*loss))?);
                 for start in (0..*rows).step_by(*row_chunk) {
                     self.lm_logits_and_loss(&lm, wte, start, out)?;
-                    let n = (*rows - start).min(*row_chunk);
+                    let n = lm.rows_from(start);
+                    let [target_rows, stat_rows, loss_rows] = lm.loss_rows(self, start, n);
                     for (i, chunk) in wte.iter().enumerate() {
                         let name = self.name(chunk.tensor);
-                        let shape = MatmulShape::new(n, *channels, chunk.rows, WeightLayout::OutIn);
-                        let c = VocabChunk { rows: n, cols: chunk.rows, col_offset: chunk.row_offset, vocab: *vocab };
+                        let (shape, c) = lm.chunk_shapes(chunk, n);
                         let block = lm.logits_block(self, chunk, n);
-                        out.push(lmloss::chunk_backward(
-                            gpu,
-                            &format!("lm loss grad {name}"),
-                            c,
-                            block,
-                            lm.rows_of(self, *targets, start, n, 1),
-                            lm.rows_of(self, *stats, start, n, 3),
-                            lm.rows_of(self, *losses, start, n, 1),
-                            b(*loss),
-                        )?);
+                        out.push(lmloss::chunk_backward(gpu, &format!("lm loss grad {name}"), c, block, target_rows, stat_rows, loss_rows, b(*loss))?);
                         if let Some((dinp, accumulate)) = dinp {
                             out.push(matmul::backward_input(
                                 gpu,

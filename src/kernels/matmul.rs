@@ -135,10 +135,14 @@ fn variant_name(variant: Variant) -> &'static str {
     }
 }
 
-/// Returns the variant that a subgroup-capable device uses for `form`: the fixed default (subgroup) with
-/// autotuning off, otherwise the faster of the two on a trial product, cached per adapter and
-/// driver (see `crate::gpu::autotune`).
-fn tuned_variant(gpu: &Gpu, form: Form) -> Result<Variant, GpuError> {
+/// Returns the variant that an aligned product of `form` uses without an explicit preference.
+/// It is the generic one where subgroups do not fit or `SHADERTUNE_MATMUL=generic` is set. Else
+/// it is the fixed default (subgroup) with autotuning off, or the faster of the two on a trial
+/// product, cached per adapter and driver (see `crate::gpu::autotune`).
+fn automatic_variant(gpu: &Gpu, form: Form) -> Result<Variant, GpuError> {
+    if !subgroups_fit(gpu) || generic_forced() {
+        return Ok(Variant::Generic);
+    }
     let family = match form {
         Form::Nn => "matmul_nn",
         Form::Nt => "matmul_nt",
@@ -182,13 +186,9 @@ fn trial(gpu: &Gpu, form: Form, variant: Variant) -> Result<f64, GpuError> {
 /// Returns the variant each product form uses on this device, as (form, variant) names, for
 /// reports. Runs the autotune trial where it has not run yet.
 pub(crate) fn chosen_variants(gpu: &Gpu) -> Result<Vec<(&'static str, &'static str)>, GpuError> {
-    let fits = subgroups_fit(gpu);
     [("nn", Form::Nn), ("nt", Form::Nt), ("tn", Form::Tn)]
         .into_iter()
-        .map(|(name, form)| {
-            let variant = if !fits || generic_forced() { Variant::Generic } else { tuned_variant(gpu, form)? };
-            Ok((name, variant_name(variant)))
-        })
+        .map(|(name, form)| Ok((name, variant_name(automatic_variant(gpu, form)?))))
         .collect()
 }
 
@@ -352,8 +352,7 @@ impl Product {
         let subgroup_possible = self.vec4_loads() && subgroups_fit(gpu);
         Ok(match preference {
             _ if !subgroup_possible => Variant::Generic,
-            Preference::Auto if generic_forced() => Variant::Generic,
-            Preference::Auto => tuned_variant(gpu, self.form)?,
+            Preference::Auto => automatic_variant(gpu, self.form)?,
             Preference::Generic => Variant::Generic,
             Preference::Subgroup => Variant::Subgroup,
         })
