@@ -20,8 +20,8 @@
 // Each invocation computes a TILE_ROWS x TILE_COLS tile of results in registers and sums every
 // result over the whole reduction itself, in index order. The result therefore does not depend
 // on the dispatch geometry, and no atomics are needed. There is no workgroup memory, because on
-// CPU Vulkan drivers (lavapipe) workgroup loads and barriers cost more than they save. Tiled
-// variants for GPUs can be added as further entry points. Edge tiles clamp their load indices
+// CPU Vulkan drivers (lavapipe) workgroup loads and barriers cost more than they save; GPUs get
+// the workgroup-memory variant in matmul_tiled.wgsl. Edge tiles clamp their load indices
 // to the last valid row and column, so the reduction loop has no branches and only the stores
 // check bounds.
 //

@@ -11,6 +11,12 @@
 //! subgroup sizes are both 8, and the product can use vec4 loads. Every other product uses
 //! `shaders/matmul.wgsl`, which is also the reference for the tests. Setting the environment variable
 //! `SHADERTUNE_MATMUL=generic` makes every product use `shaders/matmul.wgsl`, to compare the two.
+//!
+//! `shaders/matmul_tiled.wgsl` has the three forms again for GPUs: a workgroup stages slices of
+//! both operands in workgroup memory and computes a 64 x 64 block. It runs every product, aligned
+//! or not. With autotuning off, it is the default on adapters that are not CPUs and have no
+//! fitting subgroups. With autotuning on, the trial decides between all variants that fit.
+//! `SHADERTUNE_MATMUL=tiled` makes every product use it.
 
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
@@ -19,6 +25,9 @@ pub(crate) static FAMILY: ShaderFamily =
 
 pub(crate) static SUBGROUP_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_subgroup", source: include_str!("../../shaders/matmul_subgroup.wgsl") };
+
+pub(crate) static TILED_FAMILY: ShaderFamily =
+    ShaderFamily { name: "matmul_tiled", source: include_str!("../../shaders/matmul_tiled.wgsl") };
 
 /// Must match `WORKGROUP_SIZE` in `shaders/matmul.wgsl`.
 pub(crate) const WORKGROUP_SIZE: u32 = 64;
@@ -31,7 +40,15 @@ const SUBGROUP_LANES: u32 = 8;
 /// `BLOCK_ROWS` and `BLOCK_COLS` there.
 const BLOCK_ROWS: usize = 96;
 const BLOCK_COLS: usize = 128;
-/// Environment variable that selects the matmul kernels; `generic` forces `shaders/matmul.wgsl`.
+/// Invocations along each side of a tiled workgroup; must match `SIDE` in
+/// `shaders/matmul_tiled.wgsl`.
+const TILED_SIDE: u32 = 16;
+/// Result rows and columns of one tiled workgroup; must match `BLOCK` there.
+const TILED_BLOCK: usize = 64;
+/// Workgroup memory of the tiled variant: two slices of 256 vec4s.
+const TILED_WORKGROUP_BYTES: u32 = 2 * 256 * 16;
+/// Environment variable that selects the matmul kernels: `generic` forces `shaders/matmul.wgsl`,
+/// `tiled` forces `shaders/matmul_tiled.wgsl` where the adapter can run it.
 const KERNEL_VARIABLE: &str = "SHADERTUNE_MATMUL";
 /// Result rows per invocation; must match `TILE_ROWS` in the shader.
 const TILE_ROWS: usize = 16;
@@ -70,6 +87,10 @@ static SUBGROUP_TN: KernelEntry = KernelEntry {
     entry: "matmul_tn",
     bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
 };
+// The tiled forms share one body, which reads the bias binding, so matmul_tn binds it too.
+static TILED_NN: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
+static TILED_NT: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
+static TILED_TN: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_tn", bindings: PRODUCT_BINDINGS };
 static BACKWARD_BIAS: KernelEntry = KernelEntry {
     family: &FAMILY,
     entry: "matmul_backward_bias",
@@ -92,6 +113,13 @@ pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
     (&SUBGROUP_TN, SUBGROUP_WORKGROUP_SIZE),
 ];
 
+/// Entry points of the tiled variant and their WGSL workgroup sizes (16 x 16).
+pub(crate) const TILED_ENTRIES: &[(&KernelEntry, u32)] = &[
+    (&TILED_NN, TILED_SIDE * TILED_SIDE),
+    (&TILED_NT, TILED_SIDE * TILED_SIDE),
+    (&TILED_TN, TILED_SIDE * TILED_SIDE),
+];
+
 /// The shader family that runs a product.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
@@ -99,23 +127,33 @@ enum Variant {
     Generic,
     /// `shaders/matmul_subgroup.wgsl`.
     Subgroup,
+    /// `shaders/matmul_tiled.wgsl`.
+    Tiled,
 }
 
 /// The variant that a launcher requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Preference {
-    /// The subgroup variant where it applies, unless `SHADERTUNE_MATMUL=generic` is set.
+    /// The variant that `SHADERTUNE_MATMUL` forces, else the autotuned or default choice for
+    /// the product's form.
     Auto,
     /// Always `shaders/matmul.wgsl`.
     Generic,
-    /// The subgroup variant where it applies, even when `SHADERTUNE_MATMUL=generic` is set.
+    /// The subgroup variant where it applies, even when `SHADERTUNE_MATMUL` is set.
     Subgroup,
+    /// The tiled variant where the adapter can run it, even when `SHADERTUNE_MATMUL` is set.
+    Tiled,
 }
 
-/// True when `SHADERTUNE_MATMUL=generic` is set, read once per process.
-fn generic_forced() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var(KERNEL_VARIABLE).is_ok_and(|value| value.trim() == "generic"))
+/// Returns the variant that `SHADERTUNE_MATMUL` forces (`generic` or `tiled`), read once per
+/// process.
+fn forced_variant() -> Option<Variant> {
+    static FORCED: std::sync::OnceLock<Option<Variant>> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| match std::env::var(KERNEL_VARIABLE).as_deref().map(str::trim) {
+        Ok("generic") => Some(Variant::Generic),
+        Ok("tiled") => Some(Variant::Tiled),
+        _ => None,
+    })
 }
 
 /// True when the device can run `shaders/matmul_subgroup.wgsl` as written: subgroup operations
@@ -127,34 +165,74 @@ fn subgroups_fit(gpu: &Gpu) -> bool {
         && info.subgroup_max_size == SUBGROUP_LANES
 }
 
+/// True when the adapter's limits allow the tiled variant's 16 x 16 workgroups and 8 KiB of
+/// workgroup memory (wgpu's default and downlevel limits do).
+fn tiled_fits(gpu: &Gpu) -> bool {
+    let limits = gpu.limits();
+    limits.max_compute_invocations_per_workgroup >= TILED_SIDE * TILED_SIDE
+        && limits.max_compute_workgroup_size_x >= TILED_SIDE
+        && limits.max_compute_workgroup_size_y >= TILED_SIDE
+        && limits.max_compute_workgroup_storage_size >= TILED_WORKGROUP_BYTES
+}
+
+const VARIANTS: [Variant; 3] = [Variant::Generic, Variant::Subgroup, Variant::Tiled];
+
 /// Name of a variant in the autotune cache and in logs.
 fn variant_name(variant: Variant) -> &'static str {
     match variant {
         Variant::Generic => "generic",
         Variant::Subgroup => "subgroup",
+        Variant::Tiled => "tiled",
+    }
+}
+
+/// Lists the variants that can run aligned products on this device: generic always, subgroup
+/// where subgroups fit, tiled where the limits allow.
+fn candidates(gpu: &Gpu) -> Vec<Variant> {
+    let mut variants = vec![Variant::Generic];
+    if subgroups_fit(gpu) {
+        variants.push(Variant::Subgroup);
+    }
+    if tiled_fits(gpu) {
+        variants.push(Variant::Tiled);
+    }
+    variants
+}
+
+/// Returns the variant used with autotuning off: subgroup where subgroups fit, else tiled on
+/// adapters that are not CPUs, else generic.
+fn default_variant(gpu: &Gpu) -> Variant {
+    if subgroups_fit(gpu) {
+        Variant::Subgroup
+    } else if tiled_fits(gpu) && gpu.info().device_type != wgpu::DeviceType::Cpu {
+        Variant::Tiled
+    } else {
+        Variant::Generic
     }
 }
 
 /// Returns the variant that an aligned product of `form` uses without an explicit preference.
-/// It is the generic one where subgroups do not fit or `SHADERTUNE_MATMUL=generic` is set. Else
-/// it is the fixed default (subgroup) with autotuning off, or the faster of the two on a trial
-/// product, cached per adapter and driver (see `crate::gpu::autotune`).
+/// That is the one `SHADERTUNE_MATMUL` forces, else the fixed default with autotuning off, else
+/// the fastest candidate on a trial product, cached per adapter and driver (see
+/// `crate::gpu::autotune`).
 fn automatic_variant(gpu: &Gpu, form: Form) -> Result<Variant, GpuError> {
-    if !subgroups_fit(gpu) || generic_forced() {
-        return Ok(Variant::Generic);
+    if let Some(forced) = forced_variant() {
+        return Ok(forced);
     }
     let family = match form {
         Form::Nn => "matmul_nn",
         Form::Nt => "matmul_nt",
         Form::Tn => "matmul_tn",
     };
-    let candidates = [Variant::Generic, Variant::Subgroup];
-    let names = candidates.map(variant_name);
-    let choice = gpu.tuned(family, &[FAMILY.source, SUBGROUP_FAMILY.source], &names, variant_name(Variant::Subgroup), |name| {
-        let variant = if name == variant_name(Variant::Generic) { Variant::Generic } else { Variant::Subgroup };
-        trial(gpu, form, variant)
+    let candidates = candidates(gpu);
+    let names: Vec<&'static str> = candidates.iter().map(|&v| variant_name(v)).collect();
+    let sources = [FAMILY.source, SUBGROUP_FAMILY.source, TILED_FAMILY.source];
+    let by_name = |name: &str| VARIANTS.into_iter().find(|&v| variant_name(v) == name);
+    let choice = gpu.tuned(family, &sources, &names, variant_name(default_variant(gpu)), |name| {
+        trial(gpu, form, by_name(name).unwrap_or(Variant::Generic))
     })?;
-    Ok(if choice == variant_name(Variant::Generic) { Variant::Generic } else { Variant::Subgroup })
+    // A cache entry written by another build may name a variant this one does not have.
+    Ok(by_name(&choice).unwrap_or(Variant::Generic))
 }
 
 /// Rows, inner size and columns of the autotune trial: a quarter of GPT-2 small's c_fc product
@@ -167,6 +245,7 @@ fn trial(gpu: &Gpu, form: Form, variant: Variant) -> Result<f64, GpuError> {
     let preference = match variant {
         Variant::Generic => Preference::Generic,
         Variant::Subgroup => Preference::Subgroup,
+        Variant::Tiled => Preference::Tiled,
     };
     let bytes = |floats: usize| (floats * F32_BYTES as usize) as u64;
     let lhs = gpu.storage_buffer("autotune lhs", bytes(rows * inner))?;
@@ -346,16 +425,26 @@ impl Product {
     }
 
     /// Selects the shader that runs this product. The subgroup variant needs a fitting device and
-    /// the alignment of vec4 loads, because it reads every operand as vec4s. Where both variants
-    /// could run, `Preference::Auto` takes the autotuned choice for the product's form.
+    /// the alignment of vec4 loads, because it reads every operand as vec4s. The tiled variant
+    /// needs the adapter's workgroup limits and a grid of blocks within the per-dimension limit.
+    /// `Preference::Auto` takes the forced, default or autotuned choice for the product's form.
+    /// A product that the requested variant cannot run uses the generic shader.
     fn variant(&self, gpu: &Gpu, preference: Preference) -> Result<Variant, GpuError> {
-        let subgroup_possible = self.vec4_loads() && subgroups_fit(gpu);
-        Ok(match preference {
-            _ if !subgroup_possible => Variant::Generic,
+        let requested = match preference {
             Preference::Auto => automatic_variant(gpu, self.form)?,
             Preference::Generic => Variant::Generic,
             Preference::Subgroup => Variant::Subgroup,
-        })
+            Preference::Tiled => Variant::Tiled,
+        };
+        let possible = match requested {
+            Variant::Generic => true,
+            Variant::Subgroup => self.vec4_loads() && subgroups_fit(gpu),
+            Variant::Tiled => {
+                let max = gpu.limits().max_compute_workgroups_per_dimension as usize;
+                tiled_fits(gpu) && self.rows.div_ceil(TILED_BLOCK) <= max && self.cols.div_ceil(TILED_BLOCK) <= max
+            }
+        };
+        Ok(if possible { requested } else { Variant::Generic })
     }
 
     fn workgroups(&self, gpu: &Gpu, variant: Variant) -> [u32; 3] {
@@ -369,6 +458,9 @@ impl Product {
                 let invocations = blocks * SUBGROUP_LANES as usize;
                 super::grid_1d(gpu, invocations as u64, SUBGROUP_WORKGROUP_SIZE)
             }
+            // One workgroup per 64 x 64 block: x along columns, y along rows. `variant` checked
+            // both counts against the per-dimension limit.
+            Variant::Tiled => [self.cols.div_ceil(TILED_BLOCK) as u32, self.rows.div_ceil(TILED_BLOCK) as u32, 1],
         }
     }
 
@@ -393,13 +485,16 @@ impl Product {
             (Variant::Subgroup, Form::Nn) => &SUBGROUP_NN,
             (Variant::Subgroup, Form::Nt) => &SUBGROUP_NT,
             (Variant::Subgroup, Form::Tn) => &SUBGROUP_TN,
+            (Variant::Tiled, Form::Nn) => &TILED_NN,
+            (Variant::Tiled, Form::Nt) => &TILED_NT,
+            (Variant::Tiled, Form::Tn) => &TILED_TN,
         };
-        match self.form {
-            Form::Nn | Form::Nt => {
+        match (variant, self.form) {
+            (Variant::Tiled, _) | (_, Form::Nn | Form::Nt) => {
                 let bias = bias.unwrap_or_else(|| gpu.placeholder());
                 gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, lhs, rhs, bias], groups)
             }
-            Form::Tn => gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, lhs, rhs], groups),
+            (_, Form::Tn) => gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, lhs, rhs], groups),
         }
     }
 }
@@ -700,9 +795,9 @@ mod tests {
         (101, 20, 132),
     ];
     const LAYOUTS: [WeightLayout; 2] = [WeightLayout::InOut, WeightLayout::OutIn];
-    /// Every case runs on both variants. On an adapter without fitting subgroups, and for
+    /// Every case runs on every variant. On an adapter without fitting subgroups, and for
     /// products without vec4 alignment, `Subgroup` falls back to the generic shader.
-    const PATHS: [Preference; 2] = [Preference::Generic, Preference::Subgroup];
+    const PATHS: [Preference; 3] = [Preference::Generic, Preference::Subgroup, Preference::Tiled];
 
     fn reference_dims(shape: &MatmulShape, rows: usize, cols: usize) -> MatmulDims {
         let layout = match shape.layout {
@@ -934,16 +1029,26 @@ mod tests {
             has_bias: false,
         };
         let expected = if fits { Variant::Subgroup } else { Variant::Generic };
+        let tiled = if tiled_fits(gpu) { Variant::Tiled } else { Variant::Generic };
         for form in [Form::Nn, Form::Nt, Form::Tn] {
             let chosen = product(form, 768).variant(gpu, Preference::Subgroup).unwrap();
             assert_eq!(chosen, expected, "{form:?} 960x768x768 on {} (subgroups fit: {fits})", gpu.describe());
             let generic = product(form, 768).variant(gpu, Preference::Generic).unwrap();
             assert_eq!(generic, Variant::Generic, "{form:?} with Preference::Generic");
+            // The tiled variant has no alignment requirement.
+            assert_eq!(product(form, 29).variant(gpu, Preference::Tiled).unwrap(), tiled, "{form:?} tiled with K=29");
         }
         // The shared test device has autotuning off, so an automatic product takes the default.
-        if !generic_forced() {
+        if forced_variant().is_none() {
+            let default = default_variant(gpu);
+            let on_cpu = gpu.info().device_type == wgpu::DeviceType::Cpu;
+            match default {
+                Variant::Subgroup => assert!(fits),
+                Variant::Tiled => assert!(!fits && !on_cpu),
+                Variant::Generic => assert!(!fits && (on_cpu || !tiled_fits(gpu))),
+            }
             for form in [Form::Nn, Form::Nt, Form::Tn] {
-                assert_eq!(product(form, 768).variant(gpu, Preference::Auto).unwrap(), expected, "{form:?} with autotuning off");
+                assert_eq!(product(form, 768).variant(gpu, Preference::Auto).unwrap(), default, "{form:?} with autotuning off");
             }
         }
         let mut odd = product(Form::Nt, 768);
@@ -965,13 +1070,17 @@ mod tests {
         gpu.autotune_cache = Some(dir.join("autotune.json"));
         let chosen = chosen_variants(&gpu).unwrap();
         assert_eq!(chosen.len(), 3);
-        let fits = subgroups_fit(&gpu) && !generic_forced();
+        let names: Vec<&str> = candidates(&gpu).into_iter().map(variant_name).collect();
+        let tuned = names.len() > 1 && forced_variant().is_none();
         for (form, variant) in &chosen {
-            assert!(*variant == "generic" || fits, "{form} chose {variant} on a device without fitting subgroups");
+            assert!(names.contains(variant) || !tuned, "{form} chose {variant}, not one of the candidates {names:?}");
         }
         let cached = std::fs::read_to_string(dir.join("autotune.json")).unwrap_or_default();
         for family in ["matmul_nn", "matmul_nt", "matmul_tn"] {
-            assert_eq!(cached.contains(family), fits, "cache entry for {family} (subgroups fit: {fits}):\n{cached}");
+            assert_eq!(cached.contains(family), tuned, "cache entry for {family} (candidates {names:?}):\n{cached}");
+            for name in &names {
+                assert!(!tuned || cached.contains(&format!("\"{name}\"")), "no {name} timing for {family}:\n{cached}");
+            }
         }
         // The choices stay for the rest of the device's life, so a second request measures nothing.
         assert_eq!(chosen_variants(&gpu).unwrap(), chosen);
