@@ -101,6 +101,54 @@ fn pretrain_killed_and_resumed_matches_an_uninterrupted_run() {
     assert!(a == b, "resumed from step {at}: the final weights differ from the uninterrupted run");
 }
 
+/// `--resume DIR --redraw-unseen` on a finished run rewrites its final model with the embedding
+/// rows of tokens absent from the training text re-drawn, and every other weight unchanged.
+#[test]
+fn pretrain_resume_redraws_unseen_embeddings() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let out = dir.path().join("run");
+    let output = shadertune().args(pretrain_args(&config, &out, 4)).output().unwrap();
+    assert!(output.status.success(), "pretrain failed: {}", String::from_utf8_lossy(&output.stderr));
+    let before = shadertune::model::load::open_language_model(&out, 0).unwrap().weights;
+
+    let output = shadertune().args(["pretrain", "--resume"]).arg(&out).arg("--redraw-unseen").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "resume with --redraw-unseen failed: {stderr}");
+    assert!(stderr.contains("re-drew the embeddings of"), "no report of the re-drawn rows: {stderr}");
+    let after = shadertune::model::load::open_language_model(&out, 0).unwrap().weights;
+
+    let tokenizer = shadertune::data::Gpt2Tokenizer::from_dir(&shadertune::model::load::assets_dir().join("tokenizer")).unwrap();
+    let corpus = shadertune::train::pretrain::read_corpus(&[corpus()], &tokenizer, 0.1).unwrap();
+    let mut occurs = vec![false; 50257];
+    for &t in &corpus.train {
+        occurs[t as usize] = true;
+    }
+    let absent = occurs.iter().filter(|&&o| !o).count();
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("pretrain.json")).unwrap()).unwrap();
+    assert_eq!(summary["redrawn"]["tokens"].as_u64(), Some(absent as u64), "{}", summary["redrawn"]);
+    assert_eq!(summary["settings"]["redraw_unseen"], serde_json::Value::Bool(true));
+
+    let width = 32;
+    let (old, new) = (&before.tensors["wte.weight"].data, &after.tensors["wte.weight"].data);
+    for (t, &seen) in occurs.iter().enumerate() {
+        let rows = (&old[t * width..(t + 1) * width], &new[t * width..(t + 1) * width]);
+        if seen {
+            assert_eq!(rows.0, rows.1, "row of token {t}, which occurs in the training text, changed");
+        } else {
+            assert_ne!(rows.0, rows.1, "row of absent token {t} was not re-drawn");
+        }
+    }
+    for (name, tensor) in &before.tensors {
+        if name != "wte.weight" {
+            assert_eq!(tensor, &after.tensors[name], "{name} changed");
+        }
+    }
+}
+
 #[test]
 fn pretrain_rejects_bad_input_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

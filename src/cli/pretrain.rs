@@ -75,6 +75,12 @@ pub(crate) struct PretrainArgs {
     /// (checkpoints stay f32).
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     save_dtype: String,
+    /// In the final model, re-draw the token embeddings of tokens that never occur in the
+    /// training text: their mean plus noise at the spread of learned rows. Pretraining leaves
+    /// them nearly identical, which hurts fine-tuning on text that contains them. With --resume,
+    /// turns this on for the resumed run.
+    #[arg(long)]
+    redraw_unseen: bool,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -92,8 +98,10 @@ pub(crate) fn run(args: &PretrainArgs) -> anyhow::Result<()> {
     let (start, settings, out, tokenizer) = match &args.resume {
         Some(run_dir) => {
             let loaded = checkpoint::load(run_dir, "pretrain", HeadKind::LanguageModel)?;
-            let settings: PretrainSettings = serde_json::from_value(loaded.state.settings.clone())
+            let mut settings: PretrainSettings = serde_json::from_value(loaded.state.settings.clone())
                 .map_err(|e| anyhow::anyhow!("{}: the stored settings are unreadable: {e}", loaded.dir.display()))?;
+            // Only the final model depends on it, so it may be turned on for a resumed run.
+            settings.redraw_unseen |= args.redraw_unseen;
             eprintln!("resuming {} at step {} with its stored settings", run_dir.display(), loaded.state.step);
             let out = args.out.clone().unwrap_or_else(|| run_dir.clone());
             let tokenizer = match out.join("tokenizer.json").exists() {
@@ -145,6 +153,7 @@ pub(crate) fn run(args: &PretrainArgs) -> anyhow::Result<()> {
                 save_every: args.save_every,
                 seed: args.seed,
                 save_dtype: args.save_dtype.clone(),
+                redraw_unseen: args.redraw_unseen,
             };
             (Start::Model { config, weights }, settings, out, tokenizer)
         }
@@ -200,6 +209,12 @@ pub(crate) fn run(args: &PretrainArgs) -> anyhow::Result<()> {
             out.display()
         );
         return Ok(());
+    }
+    if let Some(redrawn) = &summary.redrawn {
+        eprintln!(
+            "re-drew the embeddings of {} tokens absent from the training text (centre norm {:.2}, spread {:.4})",
+            redrawn.tokens, redrawn.centre_norm, redrawn.spread
+        );
     }
     let last = summary.history.last();
     println!(

@@ -848,20 +848,20 @@ pub fn save_as(
 
 /// Draws from a normal distribution with the Box-Muller transform, which turns two uniform
 /// samples into two independent standard normal samples.
-struct NormalSampler {
+pub(crate) struct NormalSampler {
     rng: ChaCha8Rng,
     spare: Option<f64>,
 }
 
 impl NormalSampler {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         NormalSampler {
             rng: ChaCha8Rng::seed_from_u64(seed),
             spare: None,
         }
     }
 
-    fn standard(&mut self) -> f64 {
+    pub(crate) fn standard(&mut self) -> f64 {
         if let Some(value) = self.spare.take() {
             return value;
         }

@@ -59,6 +59,10 @@ pub struct PretrainSettings {
     /// Storage type of the final model.safetensors (checkpoints are always f32).
     #[serde(default)]
     pub save_dtype: String,
+    /// Re-draw, in the final model only, the embedding rows of tokens that never occur in the
+    /// training text (see [`redraw_unseen_embeddings`]).
+    #[serde(default)]
+    pub redraw_unseen: bool,
 }
 
 /// Errors of a pretraining run.
@@ -229,6 +233,79 @@ pub struct PretrainSummary {
     pub elapsed_s: f64,
     /// The adapter.
     pub adapter: String,
+    /// Embedding rows re-drawn in the final model, when `redraw_unseen` is set and any token is
+    /// absent from the training text.
+    pub redrawn: Option<RedrawnEmbeddings>,
+}
+
+/// Tokens that occur at least this often in the training text give the spread of re-drawn rows.
+const FREQUENT_COUNT: usize = 20;
+
+/// Summary of [`redraw_unseen_embeddings`].
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RedrawnEmbeddings {
+    /// Vocabulary entries that never occur in the training text, whose rows were re-drawn.
+    pub tokens: usize,
+    /// Standard deviation of the new rows around their centre.
+    pub spread: f32,
+    /// L2 norm of the centre, the mean of the rows that were replaced.
+    pub centre_norm: f32,
+}
+
+/// Replaces the `wte` rows of tokens that never occur in `train` with their mean plus normal
+/// noise of standard deviation `spread`. The spread is that of the rows of tokens occurring at
+/// least FREQUENT_COUNT times, around their own mean. Returns `None`, changing nothing, when
+/// every token occurs or no token is frequent.
+///
+/// Why: the tied LM head pushes the logits of absent tokens down at every step, and AdamW turns
+/// that small, constant gradient into full-size steps in one shared direction. After
+/// pretraining, their rows are nearly one vector (mean pairwise cosine 0.998 after one pass
+/// over the bundled corpus), so a classifier fine-tuned from it cannot tell those tokens apart. Keeping the mean
+/// keeps their logits as low as the model learned, and the noise makes every row distinct at
+/// the scale of learned ones.
+pub fn redraw_unseen_embeddings(weights: &mut Weights, train: &[u32], seed: u64) -> Option<RedrawnEmbeddings> {
+    let wte = weights.get_mut("wte.weight")?;
+    let (vocab, width) = (wte.shape[0], wte.shape[1]);
+    let mut counts = vec![0usize; vocab];
+    for &token in train {
+        if let Some(count) = counts.get_mut(token as usize) {
+            *count += 1;
+        }
+    }
+    let rows_where = |keep: &dyn Fn(usize) -> bool| (0..vocab).filter(|&t| keep(counts[t])).collect::<Vec<usize>>();
+    let unseen = rows_where(&|count| count == 0);
+    let frequent = rows_where(&|count| count >= FREQUENT_COUNT);
+    if unseen.is_empty() || frequent.is_empty() {
+        return None;
+    }
+
+    let row = |t: usize| &wte.data[t * width..(t + 1) * width];
+    let mean_of = |rows: &[usize]| {
+        let mut mean = vec![0.0f64; width];
+        for &t in rows {
+            for (m, &x) in mean.iter_mut().zip(row(t)) {
+                *m += f64::from(x);
+            }
+        }
+        mean.iter().map(|m| m / rows.len() as f64).collect::<Vec<f64>>()
+    };
+    let frequent_mean = mean_of(&frequent);
+    let squares: f64 = frequent
+        .iter()
+        .flat_map(|&t| row(t).iter().zip(&frequent_mean).map(|(&x, m)| (f64::from(x) - m).powi(2)))
+        .sum();
+    let spread = (squares / (frequent.len() * width) as f64).sqrt();
+    let centre = mean_of(&unseen);
+
+    // A seed of its own, so the noise does not repeat the draws of the random initialisation.
+    let mut sampler = crate::model::weights::NormalSampler::new(seed ^ 0x7265_6472_6177_0001);
+    for &t in &unseen {
+        for (x, c) in wte.data[t * width..(t + 1) * width].iter_mut().zip(&centre) {
+            *x = (c + spread * sampler.standard()) as f32;
+        }
+    }
+    let centre_norm = centre.iter().map(|c| c * c).sum::<f64>().sqrt();
+    Some(RedrawnEmbeddings { tokens: unseen.len(), spread: spread as f32, centre_norm: centre_norm as f32 })
 }
 
 /// Progress stored in a checkpoint.
@@ -437,7 +514,7 @@ pub fn pretrain(
     let dir = save(&session, &mut weights, step, &progress)?;
     on_event(&Event::Saved(dir));
 
-    let summary = PretrainSummary {
+    let mut summary = PretrainSummary {
         settings: settings.clone(),
         config: config.clone(),
         steps: step,
@@ -447,8 +524,13 @@ pub fn pretrain(
         history: progress.history.clone(),
         elapsed_s: progress.elapsed_s,
         adapter: gpu.describe(),
+        redrawn: None,
     };
     if !stopped_early {
+        // The checkpoint keeps the trained rows, so a resumed run continues from them.
+        if s.redraw_unseen {
+            summary.redrawn = redraw_unseen_embeddings(&mut weights, &corpus.train, s.seed);
+        }
         write_model(out_dir, &config, &weights, tokenizer, &summary)?;
     }
     Ok(summary)
@@ -512,4 +594,68 @@ fn write_model(
     let text = serde_json::to_string_pretty(summary).expect("summary serializes");
     crate::fsutil::write_atomic(&path, text.as_bytes()).map_err(|e| write_err(path.clone(), e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::weights::HostTensor;
+
+    /// Returns a (vocab, width) table whose row t is filled with t + column / 10.
+    fn table(vocab: usize, width: usize) -> Weights {
+        let mut weights = Weights::default();
+        let mut wte = HostTensor::filled(vec![vocab, width], 0.0);
+        for (i, x) in wte.data.iter_mut().enumerate() {
+            *x = (i / width) as f32 + (i % width) as f32 / 10.0;
+        }
+        weights.insert("wte.weight", wte);
+        weights
+    }
+
+    #[test]
+    fn redraw_replaces_only_absent_tokens() {
+        let (vocab, width) = (300, 64);
+        // Tokens 0..100 occur FREQUENT_COUNT times, 100..150 once, 150..300 never.
+        let mut train: Vec<u32> = (0..100u32).flat_map(|t| std::iter::repeat_n(t, FREQUENT_COUNT)).collect();
+        train.extend(100..150u32);
+        let original = table(vocab, width);
+        let mut weights = original.clone();
+        let redrawn = redraw_unseen_embeddings(&mut weights, &train, 9).expect("150 tokens are absent");
+        assert_eq!(redrawn.tokens, 150);
+
+        let before = &original.tensors["wte.weight"].data;
+        let after = &weights.tensors["wte.weight"].data;
+        assert_eq!(before[..150 * width], after[..150 * width], "rows of tokens that occur must not change");
+        // Frequent rows are t + c/10 for t < 100: around their mean the spread is the standard
+        // deviation of 0..100, sqrt((100^2 - 1) / 12).
+        let want_spread = ((100.0f64 * 100.0 - 1.0) / 12.0).sqrt();
+        assert!((f64::from(redrawn.spread) - want_spread).abs() < 1e-3, "spread {} expected {want_spread}", redrawn.spread);
+        // The new rows keep the mean of the old ones, row 224.5 + c / 10, within the noise of the
+        // mean of 150 draws (spread / sqrt(150) = 2.4; four of those allowed).
+        for c in 0..width {
+            let mean: f64 = (150..vocab).map(|t| f64::from(after[t * width + c])).sum::<f64>() / 150.0;
+            let want = 224.5 + c as f64 / 10.0;
+            assert!((mean - want).abs() < 4.0 * want_spread / 150f64.sqrt(), "column {c}: mean {mean} expected {want}");
+        }
+        let squares: f64 = (150..vocab)
+            .flat_map(|t| (0..width).map(move |c| (t, c)))
+            .map(|(t, c)| (f64::from(after[t * width + c]) - 224.5 - c as f64 / 10.0).powi(2))
+            .sum();
+        let measured = (squares / (150 * width) as f64).sqrt();
+        assert!((measured / want_spread - 1.0).abs() < 0.05, "noise spread {measured} expected {want_spread}");
+
+        let mut again = original.clone();
+        assert_eq!(redraw_unseen_embeddings(&mut again, &train, 9), Some(redrawn));
+        assert_eq!(again.tensors["wte.weight"].data, *after, "the same seed must redraw the same rows");
+    }
+
+    #[test]
+    fn redraw_skips_when_nothing_qualifies() {
+        let original = table(4, 8);
+        let mut weights = original.clone();
+        let every_token: Vec<u32> = (0..4u32).flat_map(|t| std::iter::repeat_n(t, FREQUENT_COUNT)).collect();
+        assert_eq!(redraw_unseen_embeddings(&mut weights, &every_token, 1), None);
+        assert_eq!(redraw_unseen_embeddings(&mut weights, &[0, 1], 1), None, "no token occurs FREQUENT_COUNT times");
+        assert_eq!(weights.tensors["wte.weight"].data, original.tensors["wte.weight"].data);
+    }
 }
