@@ -5,7 +5,7 @@
 mod common;
 
 use common::{checkpoint_step, have_adapter, kill_after_checkpoint, shadertune, sms_sample, tiny_model};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn train_args(model: &Path, data: &Path, out: &Path, lr: &str) -> Vec<String> {
@@ -17,18 +17,24 @@ fn train_args(model: &Path, data: &Path, out: &Path, lr: &str) -> Vec<String> {
     args
 }
 
+/// Writes the tiny model and 300 SMS rows into `dir` and trains on them without interruption
+/// into `dir/straight`. Returns the model, the data and the finished run's directory.
+fn uninterrupted_run(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let model = tiny_model(dir);
+    let data = sms_sample(dir, 300);
+    let straight = dir.join("straight");
+    let output = shadertune().args(train_args(&model, &data, &straight, "1e-3")).output().unwrap();
+    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+    (model, data, straight)
+}
+
 #[test]
 fn train_killed_and_resumed_matches_an_uninterrupted_run() {
     if !have_adapter() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let data = sms_sample(dir.path(), 300);
-
-    let straight = dir.path().join("straight");
-    let output = shadertune().args(train_args(&model, &data, &straight, "1e-3")).output().unwrap();
-    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+    let (model, data, straight) = uninterrupted_run(dir.path());
 
     let killed = dir.path().join("killed");
     let at = kill_after_checkpoint(&train_args(&model, &data, &killed, "1e-3"), &killed, 5);
@@ -129,11 +135,7 @@ fn device_faults_keep_the_last_checkpoint() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let model = tiny_model(dir.path());
-    let data = sms_sample(dir.path(), 300);
-    let straight = dir.path().join("straight");
-    let output = shadertune().args(train_args(&model, &data, &straight, "1e-3")).output().unwrap();
-    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+    let (model, data, straight) = uninterrupted_run(dir.path());
 
     for (fault, needle) in [("device-lost@4", "device was lost"), ("out-of-memory@6", "out of memory")] {
         let out = dir.path().join(fault.replace('@', "-"));
