@@ -149,6 +149,33 @@ fn pretrain_resume_redraws_unseen_embeddings() {
     }
 }
 
+/// A loss that becomes NaN stops the run with an error naming its step, although the losses are
+/// read from the device only every few steps, and no final model is written.
+#[test]
+fn pretrain_stops_on_a_non_finite_loss() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(dir.path());
+    let out = dir.path().join("run");
+    let mut args = pretrain_args(&config, &out, 12);
+    // AdamW moves every weight by about lr per step, so lr 1e30 sends the logits to infinity
+    // after the first step. Without warm-up, the first step takes the full rate.
+    let lr = args.iter().position(|a| a == "--lr").unwrap() + 1;
+    args[lr] = "1e30".into();
+    let warmup = args.iter().position(|a| a == "--warmup-steps").unwrap() + 1;
+    args[warmup] = "0".into();
+    let output = shadertune().args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "expected exit 1: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("the loss became"), "no non-finite loss error: {stderr}");
+    let step: usize = stderr.split("at step ").nth(1).and_then(|rest| rest.split(' ').next()).and_then(|n| n.parse().ok()).expect("the error names the step");
+    assert!((2..=4).contains(&step), "the first non-finite loss is expected at step 2 to 4, the error names {step}: {stderr}");
+    assert!(!out.join("model.safetensors").exists(), "a failed run must not write the final model");
+}
+
 #[test]
 fn pretrain_rejects_bad_input_with_clear_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -305,5 +305,16 @@ fn bundled_model_is_pretrained() {
     assert!(classifier.new_head);
     let pretrain: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pretrain.json")).unwrap()).unwrap();
     let losses: Vec<f64> = pretrain["history"].as_array().unwrap().iter().map(|r| r["val_loss"].as_f64().unwrap()).collect();
-    assert!(losses.windows(2).all(|w| w[1] < w[0]), "validation loss did not fall monotonically: {losses:?}");
+    assert!(losses.len() >= 6, "too few validation passes recorded: {losses:?}");
+    assert!(losses[..6].windows(2).all(|w| w[1] < w[0]), "validation loss did not fall at each of the first passes: {losses:?}");
+    let last = losses[losses.len() - 1];
+    assert!(last < losses[1], "the final validation loss {last} is not below the first pass after step 0: {losses:?}");
+    // Tokens absent from the corpus were re-drawn (`pretrain --redraw-unseen`).
+    assert_eq!(pretrain["settings"]["redraw_unseen"], serde_json::Value::Bool(true));
+    assert!(pretrain["redrawn"]["tokens"].as_u64().is_some_and(|n| n > 0), "no re-drawn rows recorded: {}", pretrain["redrawn"]);
+    // The recorded corpus paths are relative to the repository, so the command reads the same anywhere.
+    for path in pretrain["settings"]["corpus"].as_array().unwrap() {
+        let path = path.as_str().unwrap();
+        assert!(path.starts_with("assets/corpus/"), "corpus path {path} is not relative to the repository");
+    }
 }

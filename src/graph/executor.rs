@@ -137,7 +137,22 @@ pub struct Session<'g> {
     micro_batches: u64,
     /// Mean of the block scales of each double-quantised NF4 weight, by its codes tensor.
     nf4_means: HashMap<TensorId, f32>,
+    /// Device copies of the loss of recent training steps, when enabled by [`Session::log_losses`].
+    loss_log: Option<LossLog>,
 }
+
+/// A buffer on the device that each training step copies its loss and position count into, so
+/// that the host reads many steps' losses in one transfer instead of waiting for every step.
+struct LossLog {
+    buffer: wgpu::Buffer,
+    /// Steps the buffer has room for.
+    capacity: usize,
+    /// Steps copied since the last [`Session::drain_losses`].
+    filled: usize,
+}
+
+/// Bytes of one step's entry in the loss log: the loss and the count of positions.
+const LOSS_ENTRY_BYTES: u64 = 8;
 
 impl<'g> Session<'g> {
     /// Plans `graph`, checks it against the adapter's limits, allocates every buffer, uploads
@@ -190,6 +205,7 @@ impl<'g> Session<'g> {
             dropout_seed: 0,
             micro_batches: 0,
             nf4_means: HashMap::new(),
+            loss_log: None,
         };
         session.upload_weights(weights)?;
         session.build_dispatches()?;
@@ -421,8 +437,44 @@ impl<'g> Session<'g> {
                 self.dispatches[i].record(&mut pass);
             }
         }
+        if train {
+            if let Some(log) = &mut self.loss_log {
+                assert!(log.filled < log.capacity, "the loss log is full: call drain_losses every {} training steps", log.capacity);
+                let id = self.by_name["loss"];
+                let offset = log.filled as u64 * LOSS_ENTRY_BYTES;
+                encoder.copy_buffer_to_buffer(&self.dedicated[&id], 0, &log.buffer, offset, LOSS_ENTRY_BYTES);
+                log.filled += 1;
+            }
+        }
         self.gpu.queue.submit(Some(encoder.finish()));
         self.gpu.check_errors("training step")
+    }
+
+    /// Makes every training step copy its loss into a device buffer with room for `steps`
+    /// steps, to be read with [`Session::drain_losses`] at least every `steps` training steps.
+    /// Then the host need not wait for each step to finish before submitting the next.
+    pub fn log_losses(&mut self, steps: usize) -> Result<(), GpuError> {
+        let steps = steps.max(1);
+        let buffer = self.gpu.storage_buffer("loss log", steps as u64 * LOSS_ENTRY_BYTES)?;
+        self.loss_log = Some(LossLog { buffer, capacity: steps, filled: 0 });
+        Ok(())
+    }
+
+    /// Returns the loss of every training step submitted since the last call, in order, and
+    /// empties the log (waits for those steps). Empty when [`Session::log_losses`] was not called.
+    pub fn drain_losses(&mut self) -> Result<Vec<StepOutputs>, GpuError> {
+        let Some(log) = &mut self.loss_log else { return Ok(Vec::new()) };
+        if log.filled == 0 {
+            return Ok(Vec::new());
+        }
+        let values: Vec<f32> = self.gpu.read(&log.buffer, 0, 2 * log.filled)?;
+        log.filled = 0;
+        Ok(values.chunks(2).map(|pair| StepOutputs { loss: pair[0], counted: pair[1] }).collect())
+    }
+
+    /// Returns the number of training steps whose losses wait in the log.
+    pub fn logged_losses(&self) -> usize {
+        self.loss_log.as_ref().map_or(0, |log| log.filled)
     }
 
     /// Runs one step (forward, backward and an optimizer update with learning rate 0 when

@@ -199,3 +199,48 @@ fn lm_chunks_fit_budget_and_alignment() {
     let wide = lm_chunks(100, 4096, 50257, 64 << 20);
     assert_eq!(wide.vocab_rows, 4096);
 }
+
+/// Losses logged on the device and read in one transfer equal those read after each step of an
+/// identical session, and the log empties on every read.
+#[test]
+fn loss_log_matches_per_step_reads() {
+    use crate::graph::executor::{OptimizerSettings, StepInputs};
+    use crate::graph::Session;
+    use crate::model::weights::{init_random, HeadKind};
+
+    let Some(gpu) = crate::testing::test_gpu() else { return };
+    let config = Gpt2Config { n_layer: 1, n_head: 2, n_embd: 32, n_positions: 16, vocab_size: 64, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
+    let weights = init_random(&config, HeadKind::LanguageModel, 3).unwrap();
+    let shape = BatchShape { batch: 2, seq_len: 8 };
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    let session = || {
+        let graph = build_graph(&config, Head::LanguageModelLoss, shape, Trainable::All, limit);
+        Session::new(gpu, graph, &weights, true, OptimizerSettings::default()).expect("session builds")
+    };
+    let (mut stepwise, mut logged) = (session(), session());
+    logged.log_losses(3).unwrap();
+    let lengths = [8u32, 8];
+    let (mut expected, mut got) = (Vec::new(), Vec::new());
+    for step in 0..5u32 {
+        let ids: Vec<u32> = (0..16).map(|i| (i * 7 + step * 5) % 64).collect();
+        let targets: Vec<i32> = ids.iter().map(|&t| ((t + 1) % 64) as i32).collect();
+        let inputs = StepInputs { ids: &ids, lengths: &lengths, targets: &targets };
+        stepwise.set_inputs(&inputs);
+        stepwise.submit(true, Some(1e-2), 1.0).unwrap();
+        expected.push(stepwise.read_loss().unwrap().loss);
+        logged.set_inputs(&inputs);
+        logged.submit(true, Some(1e-2), 1.0).unwrap();
+        // A forward-only submit, as a validation pass makes, is not logged.
+        logged.submit(false, None, 1.0).unwrap();
+        if logged.logged_losses() == 3 {
+            got.extend(logged.drain_losses().unwrap().iter().map(|out| out.loss));
+            assert_eq!(logged.logged_losses(), 0, "the log did not empty");
+        }
+    }
+    assert_eq!(logged.logged_losses(), 2);
+    got.extend(logged.drain_losses().unwrap().iter().map(|out| out.loss));
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, expected, "logged losses differ from per-step reads");
+    assert!(expected.windows(2).any(|w| w[0] != w[1]), "every step had the same loss: {expected:?}");
+    assert!(logged.drain_losses().unwrap().is_empty());
+}

@@ -400,6 +400,7 @@ pub fn pretrain(
         skip_nonfinite: true,
     };
     let mut session = Session::new(gpu, graph, &weights, true, optimizer)?;
+    session.log_losses(LOSS_READ_EVERY)?;
 
     let mut progress = Progress::default();
     let mut step = 0usize;
@@ -444,6 +445,11 @@ pub fn pretrain(
         progress.history.push(record);
     }
 
+    // Training tokens per second from the start (or resume) of this process to `step`'s read.
+    let rate = |loss_step: usize| {
+        let trained = (loss_step - first_step) as u64 * tokens_per_step;
+        trained as f64 / started.elapsed().as_secs_f64().max(1e-9)
+    };
     let mut order: Vec<usize> = Vec::new();
     let mut order_epoch = usize::MAX;
     let mut stopped_early = false;
@@ -470,26 +476,15 @@ pub fn pretrain(
         session.set_inputs(&StepInputs { ids: &ids, lengths: &lengths, targets: &targets });
         let lr = learning_rate(Schedule::Cosine, s.lr, step, s.warmup_steps, total_steps);
         session.submit(true, Some(lr), 1.0)?;
-        let loss = session.read_loss()?.loss;
         step += 1;
-        if !loss.is_finite() {
-            let checkpoint = match checkpoint::find(out_dir) {
-                Ok(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
-                Err(_) => "no checkpoint was written yet".to_string(),
-            };
-            return Err(PretrainError::NonFinite { step, loss, last_finite: progress.last_finite.unwrap_or(f32::NAN), checkpoint });
+        let evaluate = step % s.eval_every == 0 || step == total_steps;
+        let checkpoint = s.save_every > 0 && step % s.save_every == 0 && step < total_steps;
+        // The losses are read in batches, and always before a validation pass or a checkpoint,
+        // so a checkpoint never follows a non-finite loss unnoticed.
+        if evaluate || checkpoint || session.logged_losses() == LOSS_READ_EVERY {
+            read_losses(&mut session, &mut progress, step, total_steps, out_dir, &rate, on_event)?;
         }
-        progress.last_finite = Some(loss);
-        progress.loss_sum += f64::from(loss);
-        progress.loss_steps += 1;
-        let trained = (step - first_step) as u64 * tokens_per_step;
-        on_event(&Event::Step {
-            step,
-            total: total_steps,
-            loss,
-            tokens_per_s: trained as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        });
-        if step % s.eval_every == 0 || step == total_steps {
+        if evaluate {
             let val_loss = if val_windows > 0 { validate(&mut session, corpus, s, &mut ids, &mut targets, &lengths)? } else { f32::NAN };
             let record = PretrainRecord {
                 step,
@@ -504,12 +499,14 @@ pub fn pretrain(
             on_event(&Event::Eval(record.clone()));
             progress.history.push(record);
         }
-        if s.save_every > 0 && step % s.save_every == 0 && step < total_steps {
+        if checkpoint {
             progress.elapsed_s = elapsed(&started);
             let dir = save(&session, &mut weights, step, &progress)?;
             on_event(&Event::Saved(dir));
         }
     }
+    // A stop between reads leaves losses in the log, which the checkpoint's progress includes.
+    read_losses(&mut session, &mut progress, step, total_steps, out_dir, &rate, on_event)?;
     progress.elapsed_s = elapsed(&started);
     let dir = save(&session, &mut weights, step, &progress)?;
     on_event(&Event::Saved(dir));
@@ -534,6 +531,46 @@ pub fn pretrain(
         write_model(out_dir, &config, &weights, tokenizer, &summary)?;
     }
     Ok(summary)
+}
+
+/// Training steps whose losses the host reads in one transfer. The device runs ahead of the host
+/// by at most this many steps, and a non-finite loss is noticed within as many.
+const LOSS_READ_EVERY: usize = 10;
+
+/// Reads the losses logged since the last read, the last of them from step `step`, into
+/// `progress` and reports each as an [`Event::Step`]. `rate` gives the tokens per second to
+/// report for a step.
+///
+/// # Errors
+///
+/// A device failure, or [`PretrainError::NonFinite`] for the first non-finite loss.
+fn read_losses(
+    session: &mut Session<'_>,
+    progress: &mut Progress,
+    step: usize,
+    total_steps: usize,
+    out_dir: &Path,
+    rate: &dyn Fn(usize) -> f64,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(), PretrainError> {
+    let losses = session.drain_losses()?;
+    let first = step + 1 - losses.len();
+    for (i, out) in losses.iter().enumerate() {
+        let loss_step = first + i;
+        if !out.loss.is_finite() {
+            let checkpoint = match checkpoint::find(out_dir) {
+                Ok(dir) => format!("the last checkpoint, {}, is intact", dir.display()),
+                Err(_) => "no checkpoint was written yet".to_string(),
+            };
+            let last_finite = progress.last_finite.unwrap_or(f32::NAN);
+            return Err(PretrainError::NonFinite { step: loss_step, loss: out.loss, last_finite, checkpoint });
+        }
+        progress.last_finite = Some(out.loss);
+        progress.loss_sum += f64::from(out.loss);
+        progress.loss_steps += 1;
+        on_event(&Event::Step { step: loss_step, total: total_steps, loss: out.loss, tokens_per_s: rate(loss_step) });
+    }
+    Ok(())
 }
 
 /// Mean loss over the validation windows (the first `eval_batches` batches of them), weighted
