@@ -12,16 +12,16 @@
 // loads four floats of each), waits at a barrier, and every invocation then reads its operands
 // from there. Each operand element is loaded from storage once per workgroup instead of once
 // per invocation that needs it, which is what GPUs with fast workgroup memory and many
-// invocations in flight need. On CPU drivers the barriers cost more than the loads they save: on
-// lavapipe this variant ran the autotune trial at about 2 GFLOP/s against 30 for the subgroup
-// one, and the autotuner measures which one to use.
+// invocations in flight need. On lavapipe, a CPU driver, it ran the autotune trial more than ten
+// times slower than the subgroup variant (about 2 GFLOP/s), and the autotuner measures which one
+// to use on each adapter.
 // NOTE: written for GPUs but so far timed only on lavapipe. The 64 x 64 block and DEPTH 16 are
 // common choices for GPUs, not values tuned on one.
 //
 // Every result is still summed by one invocation over the whole reduction in index order, so it
 // does not depend on the dispatch geometry and no atomics are needed. Loads outside the
-// operands read zero, which adds nothing to the sums; only the stores check bounds. The operands
-// are read one float at a time, so no alignment is required.
+// operands read zero, which adds nothing to the sums, and stores outside the result are skipped.
+// The operands are read one float at a time, so no alignment is required.
 
 // Invocations along each side of the workgroup.
 const SIDE: u32 = 16u;
@@ -31,6 +31,9 @@ const PART: u32 = 4u;
 // Reduction steps per slice held in workgroup memory.
 const DEPTH: u32 = 16u;
 // Vec4 slots of one staged slice: DEPTH steps of BLOCK / 4 quads.
+// NOTE: the staging assumes DEPTH == SIDE == BLOCK / 4, so that the SIDE * SIDE invocations
+// fill the slots one vec4 each. Changing one of them means changing the staging as well, and
+// TILED_WORKGROUP_BYTES in src/kernels/matmul.rs.
 const SLICE_QUADS: u32 = 256u;
 
 const FORM_NN: u32 = 0u;

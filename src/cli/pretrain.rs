@@ -76,9 +76,10 @@ pub(crate) struct PretrainArgs {
     #[arg(long, default_value = "f32", value_parser = ["f32", "f16"])]
     save_dtype: String,
     /// In the final model, re-draw the token embeddings of tokens that never occur in the
-    /// training text: their mean plus noise at the spread of learned rows. Pretraining leaves
-    /// them nearly identical, which hurts fine-tuning on text that contains them. With --resume,
-    /// turns this on for the resumed run.
+    /// training text: their mean plus noise at the spread of the rows of tokens seen at least 20
+    /// times. Pretraining leaves them nearly identical, so a classifier fine-tuned on text that
+    /// contains them starts unable to tell them apart. With --resume, turns this on for the
+    /// resumed run and rewrites its final model.
     #[arg(long)]
     redraw_unseen: bool,
     #[command(flatten)]

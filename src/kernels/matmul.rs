@@ -1,22 +1,24 @@
-//! Linear-layer matrix products (`shaders/matmul.wgsl`): forward, input gradient, weight
-//! gradient and bias gradient, for weights stored (K, N) or (N, K).
+//! Linear-layer matrix products: forward, input gradient, weight gradient and bias gradient, for
+//! weights stored (K, N) or (N, K), in three shader variants.
 //!
-//! The shader has three GEMM forms (`matmul_nn`, `matmul_nt`, `matmul_tn`) and a column sum.
-//! Each launcher below picks the form that its operation and weight layout need, and whether the
+//! `shaders/matmul.wgsl`, the generic variant, has three GEMM forms (`matmul_nn`, `matmul_nt`,
+//! `matmul_tn`) and a column sum. Each launcher below picks the form that its operation and weight layout need, and whether the
 //! reduction can use vec4 loads.
 //!
 //! `shaders/matmul_subgroup.wgsl` has the same three forms for adapters whose subgroups have
 //! exactly 8 lanes (lavapipe): lanes share the loads of one operand through `subgroupBroadcast`.
-//! A product uses it when the device has the SUBGROUP feature, the adapter's smallest and largest
-//! subgroup sizes are both 8, and the product can use vec4 loads. Every other product uses
-//! `shaders/matmul.wgsl`, which is also the reference for the tests. Setting the environment variable
-//! `SHADERTUNE_MATMUL=generic` makes every product use `shaders/matmul.wgsl`, to compare the two.
+//! It can run a product when the device has the SUBGROUP feature, the adapter's smallest and
+//! largest subgroup sizes are both 8, and the product can use vec4 loads.
 //!
 //! `shaders/matmul_tiled.wgsl` has the three forms again for GPUs: a workgroup stages slices of
 //! both operands in workgroup memory and computes a 64 x 64 block. It runs every product, aligned
-//! or not. With autotuning off, it is the default on adapters that are not CPUs and have no
-//! fitting subgroups. With autotuning on, the trial decides between all variants that fit.
-//! `SHADERTUNE_MATMUL=tiled` makes every product use it.
+//! or not.
+//!
+//! With autotuning off, products use the subgroup variant where subgroups fit, else the tiled one
+//! on adapters that are not CPUs, else the generic one. With autotuning on, a timed trial chooses
+//! among the variants that fit. A product that the chosen variant cannot run uses the generic
+//! one, which is also the reference for the tests. `SHADERTUNE_MATMUL=generic` or `=tiled` makes
+//! every product use that variant, to compare them.
 
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
@@ -152,7 +154,11 @@ fn forced_variant() -> Option<Variant> {
     *FORCED.get_or_init(|| match std::env::var(KERNEL_VARIABLE).as_deref().map(str::trim) {
         Ok("generic") => Some(Variant::Generic),
         Ok("tiled") => Some(Variant::Tiled),
-        _ => None,
+        Ok(other) => {
+            log::warn!("ignoring {KERNEL_VARIABLE}={other}: expected `generic` or `tiled`; unset it to let the autotuner choose");
+            None
+        }
+        Err(_) => None,
     })
 }
 

@@ -260,9 +260,9 @@ pub struct RedrawnEmbeddings {
 /// Why: the tied LM head pushes the logits of absent tokens down at every step, and AdamW turns
 /// that small, constant gradient into full-size steps in one shared direction. After
 /// pretraining, their rows are nearly one vector (mean pairwise cosine 0.998 after one pass
-/// over the bundled corpus), so a classifier fine-tuned from it cannot tell those tokens apart. Keeping the mean
-/// keeps their logits as low as the model learned, and the noise makes every row distinct at
-/// the scale of learned ones.
+/// over the bundled corpus), so a classifier fine-tuned from the model starts unable to tell
+/// those tokens apart. Keeping the mean keeps their average logit as low as the model learned,
+/// and the noise makes every row distinct at the scale of learned ones.
 pub fn redraw_unseen_embeddings(weights: &mut Weights, train: &[u32], seed: u64) -> Option<RedrawnEmbeddings> {
     let wte = weights.get_mut("wte.weight")?;
     let (vocab, width) = (wte.shape[0], wte.shape[1]);
