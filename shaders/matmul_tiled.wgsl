@@ -12,8 +12,8 @@
 // loads four floats of each), waits at a barrier, and every invocation then reads its operands
 // from there. Each operand element is loaded from storage once per workgroup instead of once
 // per invocation that needs it, which is what GPUs with fast workgroup memory and many
-// invocations in flight need. On lavapipe, a CPU driver, it ran the autotune trial more than ten
-// times slower than the subgroup variant (about 2 GFLOP/s), and the autotuner measures which one
+// invocations in flight need. On lavapipe, a CPU driver, it ran the autotune trial 7 to 14
+// times slower than the subgroup variant (about 4 GFLOP/s), and the autotuner measures which one
 // to use on each adapter.
 // NOTE: written for GPUs but so far timed only on lavapipe. The 64 x 64 block and DEPTH 16 are
 // common choices for GPUs, not values tuned on one.
