@@ -2,8 +2,8 @@
 //! weights stored (K, N) or (N, K), in three shader variants.
 //!
 //! `shaders/matmul.wgsl`, the generic variant, has three GEMM forms (`matmul_nn`, `matmul_nt`,
-//! `matmul_tn`) and a column sum. Each launcher below picks the form that its operation and weight layout need, and whether the
-//! reduction can use vec4 loads.
+//! `matmul_tn`) and a column sum. Each launcher below picks the form that its operation and
+//! weight layout need, and whether the reduction can use vec4 loads.
 //!
 //! `shaders/matmul_subgroup.wgsl` has the same three forms for adapters whose subgroups have
 //! exactly 8 lanes (lavapipe): lanes share the loads of one operand through `subgroupBroadcast`.

@@ -272,9 +272,8 @@ pub fn redraw_unseen_embeddings(weights: &mut Weights, train: &[u32], seed: u64)
             *count += 1;
         }
     }
-    let rows_where = |keep: &dyn Fn(usize) -> bool| (0..vocab).filter(|&t| keep(counts[t])).collect::<Vec<usize>>();
-    let unseen = rows_where(&|count| count == 0);
-    let frequent = rows_where(&|count| count >= FREQUENT_COUNT);
+    let unseen: Vec<usize> = (0..vocab).filter(|&t| counts[t] == 0).collect();
+    let frequent: Vec<usize> = (0..vocab).filter(|&t| counts[t] >= FREQUENT_COUNT).collect();
     if unseen.is_empty() || frequent.is_empty() {
         return None;
     }
