@@ -162,6 +162,46 @@ fn nf4_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
     Ok(cases)
 }
 
+/// Creates the cases of the products of a frozen weight stored in f16, at the same shape as
+/// [`matmul_cases`] so that the rates compare within one run.
+fn f16_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &str) -> Result<Vec<Case>, GpuError> {
+    use crate::kernels::f16_weights;
+    let gpu = m.gpu;
+    let values: Vec<f32> = (0..inner * cols).map(|_| m.rng.random_range(-0.05f32..0.05)).collect();
+    let packed = match f16_weights::pack(&values, inner, cols) {
+        Ok(packed) => packed,
+        Err(e) => {
+            log::warn!("skipping the f16 benchmark of {name}: {e}");
+            return Ok(Vec::new());
+        }
+    };
+    let weight = gpu.upload("bench f16 weight", &packed)?;
+    let inp = m.random("inp", rows * inner, 1.0)?;
+    let bias = m.random("bias", cols, 0.05)?;
+    let dout = m.random("dout", rows * cols, 1.0)?;
+    let out = m.zeros("out", rows * cols)?;
+    let dinp = m.zeros("dinp", rows * inner)?;
+    let shape = matmul::MatmulShape::new(rows, inner, cols, matmul::WeightLayout::InOut);
+    let flops = Some(2 * (rows * inner * cols) as u64);
+    // Activations read and written as f32, the weight as 2 bytes per value.
+    let bytes = 4 * (rows * inner + rows * cols) as u64 + 2 * (inner * cols) as u64;
+    let text = format!("({rows}, {inner}) x ({inner}, {cols}) {name}");
+    let bound = f16_weights::F16Weight { rows: inner, cols, packed: (&weight).into() };
+    let fwd = f16_weights::forward(gpu, "bench f16", shape, (&inp).into(), bound, Some((&bias).into()), (&out).into())?;
+    let bin = f16_weights::backward_input(gpu, "bench f16 dinp", shape, (&dout).into(), bound, (&dinp).into(), false)?;
+    Ok(vec![
+        Case { kernel: "matmul_f16::matmul_f16_forward".into(), shape: text.clone(), flops, bytes, dispatches: vec![fwd], _buffers: vec![] },
+        Case {
+            kernel: "matmul_f16::matmul_f16_backward_input".into(),
+            shape: text,
+            flops,
+            bytes,
+            dispatches: vec![bin],
+            _buffers: vec![weight, inp, bias, dout, out, dinp],
+        },
+    ])
+}
+
 fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     let mut m = Maker { gpu, rng: rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed) };
     let (b, t, c, nh, v) = (s.batch, s.seq_len, s.channels, s.num_heads, s.vocab);
@@ -171,6 +211,9 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
     out.extend(matmul_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
     out.extend(matmul_cases(&mut m, rows, 4 * c, c, "mlp.c_proj")?);
     out.extend(nf4_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
+    if gpu.half_floats() {
+        out.extend(f16_cases(&mut m, rows, c, 4 * c, "mlp.c_fc")?);
+    }
 
     // Layer norm: reads x, writes y, plus small weight/stat vectors.
     let x = m.random("x", rows * c, 1.0)?;
@@ -435,6 +478,8 @@ pub struct StepTiming {
     pub ratio_to_matmul_peak: f64,
     /// Forward plus backward FLOPs per step.
     pub flops_per_step: u64,
+    /// Storage of the frozen linear weights.
+    pub precision: crate::model::gpt2::Precision,
     /// Trainable parameters of the step.
     pub trainable_params: u64,
     /// Peak device memory of the plan, bytes.
@@ -464,11 +509,12 @@ pub fn bench_step(
     shape: crate::model::gpt2::BatchShape,
     trainable: crate::model::gpt2::Trainable,
     lora: Option<&crate::model::lora::LoraSpec>,
+    precision: crate::model::gpt2::Precision,
     warmup: usize,
     repeats: usize,
 ) -> Result<StepTiming, crate::train::classifier::TrainError> {
     use crate::graph::executor::{OptimizerSettings, StepInputs};
-    use crate::model::gpt2::{build_graph_with_lora, Head};
+    use crate::model::gpt2::{build_graph_with, Head};
     use crate::model::weights::{init_random, HeadKind};
 
     let head_kind = match head {
@@ -483,7 +529,11 @@ pub fn bench_step(
             weights.insert(name, tensor);
         }
     }
-    let graph = build_graph_with_lora(config, head, shape, trainable, lora, gpu.limits().max_storage_buffer_binding_size);
+    if precision == crate::model::gpt2::Precision::F16 {
+        crate::model::gpt2::check_f16(config).map_err(crate::train::classifier::TrainError::Invalid)?;
+        crate::model::gpt2::check_f16_adapter(gpu).map_err(crate::train::classifier::TrainError::Invalid)?;
+    }
+    let graph = build_graph_with(config, head, shape, trainable, lora, precision, gpu.limits().max_storage_buffer_binding_size);
     let mut session = crate::graph::Session::new(gpu, graph, &weights, true, OptimizerSettings::default())?;
     let summary = session.summary();
 
@@ -543,6 +593,7 @@ pub fn bench_step(
         matmul_peak_gflops: peak,
         ratio_to_matmul_peak: gflops / peak,
         flops_per_step: flops,
+        precision,
         trainable_params: summary.trainable_params,
         peak_bytes: summary.peak_bytes,
         profile: by_kind,

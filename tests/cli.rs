@@ -45,6 +45,28 @@ fn plan_last_block_backward_is_under_a_fifth() {
     assert_eq!(total, 124_439_808 + 2 * 768);
 }
 
+/// `--precision f16` halves the bytes of the 44 frozen linear weights of GPT-2 small (11 blocks
+/// of 4 with the last block trainable) and leaves every count unchanged.
+#[test]
+fn plan_f16_halves_frozen_linear_weights() {
+    let plan = |precision: &str| json_output(shadertune().args(["plan", "--config", "small", "--precision", precision, "--json"]));
+    let (full, half) = (plan("f32"), plan("f16"));
+    for key in ["trainable_params", "frozen_params", "forward_dispatches", "backward_dispatches", "forward_flops"] {
+        assert_eq!(full[key], half[key], "`{key}` changed with f16");
+    }
+    // Each block's c_attn, attn.c_proj, c_fc and mlp.c_proj weights hold 12 x 768^2 values.
+    let frozen_linear = 11 * 12 * 768 * 768;
+    let bytes = |v: &serde_json::Value| v["param_bytes"].as_u64().unwrap();
+    assert_eq!(bytes(&full) - bytes(&half), 2 * frozen_linear, "f32 {} and f16 {} parameter bytes", bytes(&full), bytes(&half));
+
+    let text = shadertune().args(["plan", "--config", "small", "--precision", "f16"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("f16 frozen weights: 326.2 MiB of parameters instead of 474.7 MiB in f32"), "{stdout}");
+    let out = shadertune().args(["plan", "--config", "small", "--precision", "bf16"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32 or f16"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 fn plan_rejects_bad_trainable_set() {
     let out = shadertune().args(["plan", "--config", "small", "--train", "last-blocks:0"]).output().unwrap();

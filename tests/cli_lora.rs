@@ -205,3 +205,47 @@ fn qlora_trains_and_rejects_bad_shapes() {
         assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
     }
 }
+
+#[test]
+fn f16_precision_trains_like_f32_and_rejects_bad_settings() {
+    if !have_adapter() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = sms_sample(dir.path(), 120);
+    // LoRA keeps the block's four linear weights frozen, so f16 stores them, and the adapters'
+    // gradients flow back through them (the input-gradient kernel runs too).
+    let run = |precision: &str| {
+        let out = dir.path().join(precision);
+        let output = shadertune().args(lora_train_args(&data, &out, &["--precision", precision, "--lr", "3e-3"])).output().unwrap();
+        assert!(output.status.success(), "--precision {precision} failed: {}", String::from_utf8_lossy(&output.stderr));
+        let metrics: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+        assert_eq!(metrics["run"]["precision"], precision, "run summary: {}", metrics["run"]);
+        metrics
+    };
+    let (full, half) = (run("f32"), run("f16"));
+    // Rounding the frozen weights to f16 moves each by about 2^-11 of itself or less, so the
+    // training follows nearly the same path: close losses, not equal ones.
+    let loss = |m: &serde_json::Value| m["test"]["loss"].as_f64().unwrap();
+    let (full_loss, half_loss) = (loss(&full), loss(&half));
+    assert!((full_loss - half_loss).abs() <= 1e-3 * full_loss.abs().max(1.0), "test loss f32 {full_loss}, f16 {half_loss}");
+    assert_ne!(full_loss, half_loss, "f16 storage changed nothing: was it used?");
+    assert_eq!(full["test"]["confusion_matrix"], half["test"]["confusion_matrix"], "f16 changed a test prediction");
+
+    let output = shadertune().args(lora_train_args(&data, &dir.path().join("both"), &["--quantize", "nf4", "--precision", "f16"])).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for needle in ["--precision f16", "--quantize"] {
+        assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    }
+    let mut args = lora_train_args(&data, &dir.path().join("narrow"), &["--precision", "f16"]);
+    let model_at = args.iter().position(|a| a == "--model").unwrap() + 1;
+    args[model_at] = tiny_model_of_width(dir.path(), "width-20", 20).display().to_string();
+    let output = shadertune().args(&args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    for needle in ["--precision f16", "n_embd is 20", "--precision f32"] {
+        assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    }
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -36,6 +36,9 @@ struct StepArgs {
     lm: bool,
     #[command(flatten)]
     lora: super::train::LoraArgs,
+    /// Storage of the frozen linear weights: f32, or f16 (f32 arithmetic).
+    #[arg(long, default_value = "f32")]
+    precision: shadertune::model::gpt2::Precision,
     /// Untimed steps before timing.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
@@ -109,7 +112,7 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     let shape = BatchShape { batch: args.batch_size, seq_len: args.max_length };
     let lora = args.lora.spec()?;
     let trainable = if lora.is_some() { shadertune::model::gpt2::Trainable::Head } else { args.train };
-    let t = shadertune::bench::bench_step(&gpu, &config, head, shape, trainable, lora.as_ref(), args.warmup, args.repeats.max(1))?;
+    let t = shadertune::bench::bench_step(&gpu, &config, head, shape, trainable, lora.as_ref(), args.precision, args.warmup, args.repeats.max(1))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&t)?);
         return Ok(());
@@ -117,13 +120,14 @@ fn run_step(args: &StepArgs) -> anyhow::Result<()> {
     println!("adapter: {}", gpu.describe());
     println!("matmul:  {} (autotune {})", shadertune::bench::matmul_variants(&gpu)?, autotune_word(&gpu));
     println!(
-        "model: {} layers, n_embd {}, vocab {}; batch {} x {} tokens; train {}",
+        "model: {} layers, n_embd {}, vocab {}; batch {} x {} tokens; train {}; frozen weights in {}",
         config.n_layer,
         config.n_embd,
         config.vocab_size,
         args.batch_size,
         args.max_length,
-        lora.as_ref().map_or(trainable.to_string(), |l| format!("LoRA r {} on {}", l.rank, l.targets))
+        lora.as_ref().map_or(trainable.to_string(), |l| format!("LoRA r {} on {}", l.rank, l.targets)),
+        args.precision
     );
     println!("parameters:  {} trainable; {:.1} MiB peak", t.trainable_params, t.peak_bytes as f64 / (1 << 20) as f64);
     println!("step:        {:.1} ms ({:.0} tokens/s)", t.ms_per_step, t.tokens_per_s);

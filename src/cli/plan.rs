@@ -2,7 +2,7 @@
 
 use clap::Args;
 use shadertune::model::config::Gpt2Config;
-use shadertune::model::gpt2::{lora_layer_kernels, plan_summary, BatchShape, Head, Trainable};
+use shadertune::model::gpt2::{check_f16, lora_layer_kernels, plan_summary, BatchShape, Head, Precision, Trainable};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -31,6 +31,9 @@ pub(crate) struct PlanArgs {
     /// Include gradient clipping by global norm in the optimizer.
     #[arg(long)]
     clip: bool,
+    /// Storage of the frozen linear weights: f32, or f16 (half the memory, f32 arithmetic).
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -80,13 +83,19 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
     let trainable = if lora.is_some() { Trainable::Head } else { args.train };
     if let Some(spec) = &lora {
         spec.modules(&config)?;
+        if spec.quantize_base && args.precision == Precision::F16 {
+            anyhow::bail!(shadertune::model::gpt2::F16_WITH_QUANTIZE);
+        }
         if spec.quantize_base {
             shadertune::model::lora::check_quantizable(&config)?;
         }
     }
-    let s = plan_summary(&config, head, shape, trainable, lora.as_ref(), args.clip, max_binding);
+    if args.precision == Precision::F16 {
+        check_f16(&config).map_err(anyhow::Error::msg)?;
+    }
+    let s = plan_summary(&config, head, shape, trainable, lora.as_ref(), args.precision, args.clip, max_binding);
     // LoRA is reported next to full fine-tuning of the same model and batch.
-    let full = lora.as_ref().map(|_| plan_summary(&config, head, shape, Trainable::All, None, args.clip, max_binding));
+    let full = lora.as_ref().map(|_| plan_summary(&config, head, shape, Trainable::All, None, Precision::F32, args.clip, max_binding));
     if args.json {
         let value = match &full {
             Some(full) => serde_json::json!({ "lora": s, "full": full }),
@@ -119,6 +128,14 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
         s.activation_bytes as f64 / MIB,
         s.activation_bytes_without_reuse as f64 / MIB
     );
+    if args.precision == Precision::F16 {
+        let f32_plan = plan_summary(&config, head, shape, trainable, lora.as_ref(), Precision::F32, args.clip, max_binding);
+        println!(
+            "f16 frozen weights: {:.1} MiB of parameters instead of {:.1} MiB in f32",
+            s.param_bytes as f64 / MIB,
+            f32_plan.param_bytes as f64 / MIB
+        );
+    }
     if let (Some(spec), Some(full)) = (&lora, &full) {
         println!(
             "against --train all: {} trainable parameters instead of {} ({:.2}%), {:.1} MiB peak instead of {:.1} MiB",
@@ -130,7 +147,7 @@ pub(crate) fn run(args: &PlanArgs) -> anyhow::Result<()> {
         );
         if spec.quantize_base {
             let unquantized = shadertune::model::lora::LoraSpec { quantize_base: false, double_quant: false, ..spec.clone() };
-            let plain = plan_summary(&config, head, shape, Trainable::Head, Some(&unquantized), args.clip, max_binding);
+            let plain = plan_summary(&config, head, shape, Trainable::Head, Some(&unquantized), Precision::F32, args.clip, max_binding);
             println!(
                 "nf4 base weights: {:.1} MiB of parameters instead of {:.1} MiB with f32 LoRA",
                 s.param_bytes as f64 / MIB,

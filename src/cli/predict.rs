@@ -124,6 +124,7 @@ pub(crate) fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             trainable_parameters: 0,
             frozen_parameters: 0,
             train: "none".into(),
+            precision: shadertune::model::gpt2::Precision::F32,
             steps: 0,
             lr: 0.0,
             epochs: 0,

@@ -2,7 +2,7 @@
 
 use clap::Args;
 use shadertune::data::{Balance, ColumnSpec, DataFormat, ReadOptions};
-use shadertune::model::gpt2::Trainable;
+use shadertune::model::gpt2::{Precision, Trainable};
 use shadertune::model::load::{assets_dir, default_model_dir};
 use shadertune::model::lora::{parse_targets, LoraSpec};
 use shadertune::train::checkpoint;
@@ -85,6 +85,10 @@ pub(crate) struct TrainArgs {
     /// On a NaN or infinite loss: stop (with a checkpoint of the last good state) or skip the batch.
     #[arg(long, default_value = "stop")]
     on_nan: OnNan,
+    /// Storage of the frozen linear weights of the blocks: f32, or f16 (half their memory; the
+    /// kernels multiply and sum in f32). Trainable weights, embeddings and biases stay f32.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     #[command(flatten)]
     lora: LoraArgs,
     #[command(flatten)]
@@ -286,6 +290,7 @@ fn run_with(args: &TrainArgs, command: Vec<String>, resume: bool) -> anyhow::Res
     config.eval_batches = args.eval_batches;
     config.save_every = args.save_every;
     config.on_nan = args.on_nan;
+    config.precision = args.precision;
     config.resume = resume;
     // The stored command line names the output directory, so that a resume writes to the same place.
     let mut command = command;

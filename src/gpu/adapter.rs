@@ -198,6 +198,7 @@ impl Gpu {
             }
         }
         let limits = adapter.limits();
+        let half_floats = adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("shadertune device"),
             required_features: features,
@@ -234,6 +235,7 @@ impl Gpu {
             info,
             limits,
             features,
+            half_floats,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,

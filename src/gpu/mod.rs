@@ -140,6 +140,8 @@ pub struct Gpu {
     info: wgpu::AdapterInfo,
     limits: wgpu::Limits,
     features: wgpu::Features,
+    /// Whether shaders may convert between f32 and f16 bits (`unpack2x16float`).
+    half_floats: bool,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<pipelines::CachedPipeline>>>,
     /// Errors reported outside an error scope, kept until the next [`Gpu::check_errors`].
@@ -169,6 +171,12 @@ impl Gpu {
     /// Returns the features enabled on the device.
     pub fn features(&self) -> wgpu::Features {
         self.features
+    }
+
+    /// Returns whether shaders may use `unpack2x16float`, which the f16 weight kernels need. wgpu
+    /// 30 grants it to every adapter except llvmpipe's Vulkan driver without `SHADER_F16`.
+    pub fn half_floats(&self) -> bool {
+        self.half_floats
     }
 
     /// Returns one line naming the adapter, backend and driver, for logs and reports.

@@ -145,6 +145,15 @@ pub(crate) fn differentiate(graph: &mut Graph) -> Backward {
                     kernels.push(Kernel::MatmulNf4Input { shape, dout, codes: *codes, scales: *scales, steps: *steps, dinp, accumulate });
                 }
             }
+            Op::MatmulF16 { rows, inner, cols, inp, packed, bias, out } => {
+                assert!(bias.is_none_or(|b| !g.graph.is_trainable(b)), "an f16 layer is frozen, its bias too");
+                if needs[*inp] && g.has_grad(*out) {
+                    let dout = g.grad(*out);
+                    let (dinp, accumulate) = g.target(*inp);
+                    let shape = MatmulShape::new(*rows, *inner, *cols, WeightLayout::InOut);
+                    kernels.push(Kernel::MatmulF16Input { shape, dout, packed: *packed, dinp, accumulate });
+                }
+            }
             Op::Gelu { len, inp, out } => {
                 if needs[*inp] && g.has_grad(*out) {
                     let dout = g.grad(*out);

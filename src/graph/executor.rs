@@ -5,7 +5,7 @@ use super::plan::{Kernel, Plan, PlanOptions, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
-use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, gelu, layernorm, matmul, nf4, norm, pooling, residual};
+use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
 use std::collections::HashMap;
 
@@ -234,6 +234,13 @@ impl<'g> Session<'g> {
             let host = weights.get(&source.name).unwrap_or_else(|| {
                 panic!("weight `{}` missing after loading; the loader checks every expected name", source.name)
             });
+            if source.encoding == ParamEncoding::F16 {
+                let (rows, cols) = (host.shape[0], host.shape[1..].iter().product());
+                let packed = f16_weights::pack(&host.data, rows, cols)
+                    .map_err(|e| GpuError::WeightEncoding { name: source.name.clone(), encoding: "f16".into(), message: e.to_string() })?;
+                self.gpu.write(buffer, 0, &packed);
+                continue;
+            }
             if source.encoding != ParamEncoding::Plain {
                 if !quantized.contains_key(&source.name) {
                     let (rows, cols) = (host.shape[0], host.shape[1..].iter().product());
@@ -671,6 +678,11 @@ impl<'g> Session<'g> {
                     let weight = self.nf4_weight(*inner, *cols, *codes, *scales, *steps);
                     out.push(nf4::forward(gpu, &format!("matmul nf4 {}", self.name(*codes)), shape, b(*inp), weight, bias.map(b), b(*o))?);
                 }
+                Op::MatmulF16 { rows, inner, cols, inp, packed, bias, out: o } => {
+                    let shape = MatmulShape::new(*rows, *inner, *cols, WeightLayout::InOut);
+                    let weight = f16_weights::F16Weight { rows: *inner, cols: *cols, packed: self.binding(*packed) };
+                    out.push(f16_weights::forward(gpu, &format!("matmul f16 {}", self.name(*packed)), shape, b(*inp), weight, bias.map(b), b(*o))?);
+                }
                 Op::Gelu { len, inp, out: o } => {
                     out.push(gelu::forward(gpu, &format!("gelu {}", self.name(*o)), *len, b(*inp), b(*o))?);
                 }
@@ -804,6 +816,10 @@ impl<'g> Session<'g> {
             Kernel::MatmulNf4Input { shape, dout, codes, scales, steps, dinp, accumulate } => {
                 let weight = self.nf4_weight(shape.inner, shape.cols, *codes, *scales, *steps);
                 out.push(nf4::backward_input(gpu, &format!("matmul nf4 input grad {}", self.name(*dinp)), *shape, b(*dout), weight, b(*dinp), *accumulate)?);
+            }
+            Kernel::MatmulF16Input { shape, dout, packed, dinp, accumulate } => {
+                let weight = f16_weights::F16Weight { rows: shape.inner, cols: shape.cols, packed: self.binding(*packed) };
+                out.push(f16_weights::backward_input(gpu, &format!("matmul f16 input grad {}", self.name(*dinp)), *shape, b(*dout), weight, b(*dinp), *accumulate)?);
             }
             Kernel::DropoutBackward { len, prob, seed, salt, dout, dinp, accumulate } => {
                 out.push(dropout::backward(

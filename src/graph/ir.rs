@@ -117,6 +117,9 @@ pub(crate) enum Op {
         bias: Option<TensorId>,
         out: TensorId,
     },
+    /// out (M,N) = inp (M,K) @ W + bias, with the frozen weight W (K,N) stored in f16, two
+    /// values per u32 in `packed` (K*N/2) (see `kernels::f16_weights`).
+    MatmulF16 { rows: usize, inner: usize, cols: usize, inp: TensorId, packed: TensorId, bias: Option<TensorId>, out: TensorId },
     /// out = gelu(inp), tanh form.
     Gelu { len: usize, inp: TensorId, out: TensorId },
     /// out = a + scale * b; scale is 1 for the residual adds and alpha / r for a LoRA branch.
@@ -174,6 +177,11 @@ impl Op {
                 v.extend(bias.iter().copied());
                 v
             }
+            Op::MatmulF16 { inp, packed, bias, .. } => {
+                let mut v = vec![*inp, *packed];
+                v.extend(bias.iter().copied());
+                v
+            }
             Op::Gelu { inp, .. } => vec![*inp],
             Op::Add { a, b, .. } => vec![*a, *b],
             Op::Dropout { inp, seed, .. } => vec![*inp, *seed],
@@ -194,7 +202,7 @@ impl Op {
             Op::Embedding { out, .. } => vec![*out],
             Op::LayerNorm { out, mean, rstd, .. } => vec![*out, *mean, *rstd],
             Op::Matmul { out, .. } => vec![*out],
-            Op::MatmulNf4 { out, .. } => vec![*out],
+            Op::MatmulNf4 { out, .. } | Op::MatmulF16 { out, .. } => vec![*out],
             Op::Gelu { out, .. } => vec![*out],
             Op::Add { out, .. } => vec![*out],
             Op::Dropout { out, .. } => vec![*out],
@@ -231,6 +239,8 @@ pub(crate) enum ParamEncoding {
     Nf4ScaleCodes,
     /// The f32 step of each group of 256 double-quantised block scales.
     Nf4ScaleSteps,
+    /// The values rounded to f16, two per u32 (see `kernels::f16_weights`).
+    F16,
 }
 
 /// A forward graph: tensors and ops in execution order.

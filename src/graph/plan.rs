@@ -60,6 +60,8 @@ pub(crate) enum Kernel {
     DropoutBackward { len: usize, prob: f32, seed: TensorId, salt: u32, dout: TensorId, dinp: TensorId, accumulate: bool },
     /// dinp (M,K) (+)= dout (M,N) @ deq(W)^T for an NF4 weight.
     MatmulNf4Input { shape: MatmulShape, dout: TensorId, codes: TensorId, scales: TensorId, steps: Option<TensorId>, dinp: TensorId, accumulate: bool },
+    /// dinp (M,K) (+)= dout (M,N) @ W^T for a weight stored in f16.
+    MatmulF16Input { shape: MatmulShape, dout: TensorId, packed: TensorId, dinp: TensorId, accumulate: bool },
     /// dst (+)= scale * src.
     Copy { len: usize, src: TensorId, dst: TensorId, scale: f32, accumulate: bool },
     EmbeddingToken {
@@ -113,6 +115,7 @@ impl Kernel {
                 v.extend(steps.iter().copied());
                 v
             }
+            MatmulF16Input { dout, packed, dinp, .. } => vec![*dout, *packed, *dinp],
             DropoutBackward { seed, dout, dinp, .. } => vec![*seed, *dout, *dinp],
             EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
@@ -140,7 +143,7 @@ impl Kernel {
                 Op::Matmul { rows, inner, cols, bias, .. } => {
                     2 * (rows * inner * cols) as u64 + if bias.is_some() { (rows * cols) as u64 } else { 0 }
                 }
-                Op::MatmulNf4 { rows, inner, cols, bias, .. } => {
+                Op::MatmulNf4 { rows, inner, cols, bias, .. } | Op::MatmulF16 { rows, inner, cols, bias, .. } => {
                     2 * (rows * inner * cols) as u64 + if bias.is_some() { (rows * cols) as u64 } else { 0 }
                 }
                 Op::Gelu { len, .. } => 12 * *len as u64,
@@ -160,7 +163,7 @@ impl Kernel {
                 input + weight + 3 * (rows * vocab) as u64
             }
             PoolBackward { .. } => 0,
-            MatmulInput { shape, .. } | MatmulWeight { shape, .. } | MatmulNf4Input { shape, .. } => matmul(shape),
+            MatmulInput { shape, .. } | MatmulWeight { shape, .. } | MatmulNf4Input { shape, .. } | MatmulF16Input { shape, .. } => matmul(shape),
             MatmulBias { shape, .. } => (shape.rows * shape.cols) as u64,
             GeluBackward { len, .. } => 16 * *len as u64,
             LayerNormInput { rows, channels, .. } => 10 * (rows * channels) as u64,
@@ -235,6 +238,8 @@ pub(crate) const NF4_CODES_SUFFIX: &str = ".nf4_codes";
 pub(crate) const NF4_SCALES_SUFFIX: &str = ".nf4_scales";
 pub(crate) const NF4_SCALE_CODES_SUFFIX: &str = ".nf4_scale_codes";
 pub(crate) const NF4_SCALE_STEPS_SUFFIX: &str = ".nf4_scale_steps";
+/// Name suffix of the device tensor of a weight stored in f16.
+pub(crate) const F16_SUFFIX: &str = ".f16";
 /// Part of the name of every tensor that holds NF4 block scales, double-quantised or not.
 const NF4_SCALES_MARK: &str = ".nf4_scale";
 
@@ -311,6 +316,8 @@ impl Plan {
                 // An NF4 weight counts its values once, through its codes (8 per u32).
                 TensorKind::Param { trainable: false } if t.name.ends_with(NF4_CODES_SUFFIX) => frozen_params += 8 * t.len() as u64,
                 TensorKind::Param { trainable: false } if t.name.contains(NF4_SCALES_MARK) => {}
+                // An f16 weight holds two values per u32.
+                TensorKind::Param { trainable: false } if t.name.ends_with(F16_SUFFIX) => frozen_params += 2 * t.len() as u64,
                 TensorKind::Param { trainable: false } => frozen_params += t.len() as u64,
                 _ => {}
             }

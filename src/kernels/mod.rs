@@ -15,6 +15,7 @@ pub(crate) mod crossentropy;
 pub(crate) mod decode;
 pub(crate) mod dropout;
 pub(crate) mod embedding;
+pub(crate) mod f16_weights;
 pub(crate) mod gelu;
 pub(crate) mod layernorm;
 pub(crate) mod lmloss;
@@ -34,6 +35,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &matmul::SUBGROUP_FAMILY,
     &matmul::TILED_FAMILY,
     &nf4::FAMILY,
+    &f16_weights::FAMILY,
     &layernorm::FAMILY,
     &gelu::FAMILY,
     &attention::FAMILY,
@@ -54,6 +56,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     matmul::SUBGROUP_ENTRIES,
     matmul::TILED_ENTRIES,
     nf4::ENTRIES,
+    f16_weights::ENTRIES,
     layernorm::ENTRIES,
     gelu::ENTRIES,
     attention::ENTRIES,
@@ -83,6 +86,10 @@ pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::Gp
         // The subgroup variants are only ever chosen on adapters with SUBGROUP, and their module
         // cannot be created without it.
         if kernel.family.name == matmul::SUBGROUP_FAMILY.name && !has_subgroups {
+            continue;
+        }
+        // Likewise, the f16 weight kernels are only chosen where the adapter converts f16 bits.
+        if kernel.family.name == f16_weights::FAMILY.name && !gpu.half_floats() {
             continue;
         }
         gpu.pipeline(kernel)?;

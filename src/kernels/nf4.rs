@@ -448,7 +448,7 @@ fn check_shape(label: &str, shape: &MatmulShape, weight_rows: usize, weight_cols
 }
 
 /// Floats that `out`/`dout` must hold: the last row ends at column `out_offset + cols`.
-fn out_floats(shape: &MatmulShape) -> usize {
+pub(crate) fn out_floats(shape: &MatmulShape) -> usize {
     (shape.rows - 1) * shape.out_stride + shape.out_offset + shape.cols
 }
 
@@ -567,7 +567,7 @@ pub(crate) fn backward_input(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::reference::matmul::{self as reference, MatmulDims};
     use crate::testing::{assert_close, random_vec, test_gpu, to_f64};
@@ -829,7 +829,7 @@ mod tests {
 
     /// Returns the column ranges that each case runs with: the whole output, an unaligned range (scalar dout
     /// loads) and an aligned range of a wider output.
-    fn column_ranges(rows: usize, inner: usize, cols: usize) -> [MatmulShape; 3] {
+    pub(crate) fn column_ranges(rows: usize, inner: usize, cols: usize) -> [MatmulShape; 3] {
         let whole = MatmulShape::new(rows, inner, cols, WeightLayout::InOut);
         [
             whole,
@@ -838,7 +838,7 @@ mod tests {
         ]
     }
 
-    fn dims(shape: &MatmulShape) -> MatmulDims {
+    pub(crate) fn dims(shape: &MatmulShape) -> MatmulDims {
         MatmulDims { rows: shape.rows, inner: shape.inner, cols: shape.cols, layout: reference::WeightLayout::InOut }
     }
 

@@ -8,8 +8,9 @@ use naga::valid::{Capabilities, ValidationFlags, Validator};
 fn parse(name: &str, source: &str) -> (naga::Module, naga::valid::ModuleInfo) {
     let module = naga::front::wgsl::parse_str(source)
         .unwrap_or_else(|e| panic!("shaders/{name}.wgsl does not parse:\n{}", e.emit_to_string(source)));
-    // Subgroup operations are the one optional capability the kernels may use.
-    let caps = Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16;
+    // Subgroup operations and f16 conversions (`unpack2x16float`) are the optional capabilities
+    // the kernels may use.
+    let caps = Capabilities::SUBGROUP | Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32;
     let info = Validator::new(ValidationFlags::all(), caps)
         .validate(&module)
         .unwrap_or_else(|e| panic!("shaders/{name}.wgsl does not validate:\n{}", e.emit_to_string(source)));

@@ -46,6 +46,78 @@ impl std::fmt::Display for Trainable {
     }
 }
 
+/// Storage precision of the frozen linear weights of the blocks. Arithmetic is f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Every weight in f32.
+    #[default]
+    F32,
+    /// The weight matrices of frozen linear layers (c_attn, c_proj, c_fc) rounded to f16 and
+    /// stored two per u32, in half the memory. The kernels widen them to f32 as they multiply.
+    /// Trainable weights, biases, layer norms and embeddings stay f32.
+    F16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            other => Err(format!("invalid precision `{other}`, expected f32 or f16")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+        })
+    }
+}
+
+/// Checks that `gpu` can run the f16 weight kernels, whose `unpack2x16float` needs wgpu's
+/// `SHADER_F16_IN_F32` (which wgpu 30 withholds from llvmpipe's Vulkan driver without
+/// `SHADER_F16`).
+///
+/// # Errors
+/// A message naming the adapter and what to do instead.
+pub fn check_f16_adapter(gpu: &crate::gpu::Gpu) -> Result<(), String> {
+    if gpu.half_floats() {
+        Ok(())
+    } else {
+        Err(format!(
+            "--precision f16 needs an adapter whose shaders convert f16 values (wgpu's SHADER_F16_IN_F32), and {} does not; use --precision f32",
+            gpu.info().name
+        ))
+    }
+}
+
+/// Error message for `--precision f16` together with `--quantize`, which stores the same weights
+/// in NF4.
+pub const F16_WITH_QUANTIZE: &str = "--precision f16 cannot be combined with --quantize: the quantised base weights are already 4-bit; drop one of them";
+
+/// Checks that the linear layers of `config` can be stored in f16: their output widths (3C, C
+/// and the MLP's inner width) must be multiples of 8.
+///
+/// # Errors
+/// A message naming the width and what to do instead.
+pub fn check_f16(config: &Gpt2Config) -> Result<(), String> {
+    let word = crate::kernels::f16_weights::WORD_VALUES;
+    for (name, width) in [("n_embd", config.n_embd), ("n_inner", config.inner_dim())] {
+        if !width.is_multiple_of(word) {
+            return Err(format!(
+                "--precision f16 stores each weight row in words of {word} values, but this model's {name} is {width}; use --precision f32"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Output head of the graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Head {
@@ -96,6 +168,7 @@ struct Builder<'c> {
     config: &'c Gpt2Config,
     trainable: Trainable,
     lora: Option<&'c LoraSpec>,
+    precision: Precision,
 }
 
 impl Builder<'_> {
@@ -174,6 +247,20 @@ impl Builder<'_> {
             let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
             let out = self.g.activation(base_name, &[rows, n_out]);
             self.g.push(Op::MatmulNf4 { rows, inner: n_in, cols: n_out, inp, codes, scales, steps, bias: Some(bias), out });
+            return match lora {
+                Some(spec) => self.lora_branch(spec, prefix, inp, out, rows, n_in, n_out),
+                None => out,
+            };
+        }
+        if self.precision == Precision::F16 && !is_trainable(self.trainable, self.config.n_layer, part) {
+            // A frozen weight stored in f16, two values per u32.
+            let name = format!("{prefix}.weight");
+            let frozen = TensorKind::Param { trainable: false };
+            let packed = self.g.tensor(format!("{name}{}", crate::graph::plan::F16_SUFFIX), &[n_in * n_out / 2], DType::U32, frozen);
+            self.g.params.push(ParamSource { tensor: packed, name, row_offset: 0, rows: n_in, encoding: ParamEncoding::F16 });
+            let bias = self.param(&format!("{prefix}.bias"), &[n_out], part);
+            let out = self.g.activation(base_name, &[rows, n_out]);
+            self.g.push(Op::MatmulF16 { rows, inner: n_in, cols: n_out, inp, packed, bias: Some(bias), out });
             return match lora {
                 Some(spec) => self.lora_branch(spec, prefix, inp, out, rows, n_in, n_out),
                 None => out,
@@ -303,7 +390,22 @@ pub(crate) fn build_graph_with_lora(
     lora: Option<&LoraSpec>,
     max_binding: u64,
 ) -> Graph {
-    let mut bld = Builder { g: Graph::default(), config, trainable, lora };
+    build_graph_with(config, head, shape, trainable, lora, Precision::F32, max_binding)
+}
+
+/// [`build_graph_with_lora`] with the frozen linear weights stored in `precision`. With
+/// [`Precision::F16`] the model must pass [`check_f16`]; NF4 (QLoRA) takes precedence over it
+/// for the weights it quantises.
+pub(crate) fn build_graph_with(
+    config: &Gpt2Config,
+    head: Head,
+    shape: BatchShape,
+    trainable: Trainable,
+    lora: Option<&LoraSpec>,
+    precision: Precision,
+    max_binding: u64,
+) -> Graph {
+    let mut bld = Builder { g: Graph::default(), config, trainable, lora, precision };
     let (b, t, c, v) = (shape.batch, shape.seq_len, config.n_embd, config.vocab_size);
     let ids = bld.g.tensor("ids", &[b * t], DType::U32, TensorKind::Input);
     let lengths = bld.g.tensor("lengths", &[b], DType::U32, TensorKind::Input);
@@ -426,10 +528,11 @@ pub fn plan_summary(
     shape: BatchShape,
     trainable: Trainable,
     lora: Option<&LoraSpec>,
+    precision: Precision,
     clip: bool,
     max_binding: u64,
 ) -> crate::graph::PlanSummary {
-    let graph = build_graph_with_lora(config, head, shape, trainable, lora, max_binding);
+    let graph = build_graph_with(config, head, shape, trainable, lora, precision, max_binding);
     let train = trainable != Trainable::Nothing || lora.is_some();
     crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip }).summary()
 }

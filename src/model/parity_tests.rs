@@ -556,3 +556,79 @@ fn qlora_matches_lora_on_the_dequantized_base() {
 fn to64_outer(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| f64::from(x)).collect()
 }
+
+/// `Precision::F16` computes what f32 computes on the f16 round trip of the frozen linear
+/// weights, for frozen blocks below a trained one (forward only) and for LoRA (whose gradients
+/// flow back through the f16 weights), and halves those weights' memory.
+#[test]
+fn f16_frozen_weights_match_f32_on_rounded_weights() {
+    use crate::kernels::f16_weights::round_trip;
+    use crate::model::gpt2::{build_graph_with, Precision};
+    use crate::model::lora::{init_adapter, parse_targets, LoraSpec};
+    use rand::{Rng, SeedableRng};
+    let Some(gpu) = test_gpu().filter(|gpu| gpu.half_floats()) else { return };
+    let mut config = Gpt2Config::mini();
+    config.n_layer = 2;
+    config.n_embd = 64;
+    config.n_head = 2;
+    let head = Head::Classifier { num_labels: 3 };
+    let mut weights = weights::init_random(&config, HeadKind::Classifier { num_labels: 3 }, 21).unwrap();
+    let spec = LoraSpec::new(4, 8.0, 0.0, parse_targets("c_attn,c_proj,c_fc")).unwrap();
+    let modules = spec.modules(&config).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+    for (name, mut tensor) in init_adapter(&spec, &modules, 6).tensors {
+        tensor.data.iter_mut().for_each(|v| *v += rng.random_range(-0.2f32..0.2));
+        weights.insert(name, tensor);
+    }
+    let shape = BatchShape { batch: 3, seq_len: 16 };
+    let ids: Vec<u32> = (0..48).map(|_| rng.random_range(0..50257)).collect();
+    let inputs = (ids, vec![16u32, 9, 1], vec![2i32, 0, 1]);
+    let max_binding = gpu.limits().max_storage_buffer_binding_size;
+    let linear = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+    let rounded = |blocks: std::ops::Range<usize>| {
+        let mut w = weights.clone();
+        for layer in blocks {
+            for module in linear {
+                let t = w.get_mut(&format!("h.{layer}.{module}.weight")).unwrap();
+                t.data = round_trip(&t.data);
+            }
+        }
+        w
+    };
+    let run = |trainable: Trainable, lora: Option<&LoraSpec>, precision: Precision, weights: &Weights| {
+        let graph = build_graph_with(&config, head, shape, trainable, lora, precision, max_binding);
+        let mut s = Session::new(gpu, graph, weights, true, settings()).expect("session builds");
+        s.set_inputs(&StepInputs { ids: &inputs.0, lengths: &inputs.1, targets: &inputs.2 });
+        s.submit(true, None, 1.0).expect("step runs");
+        let logits = s.read_logits().expect("logits read");
+        let grads: Vec<(String, Vec<f32>)> = weights
+            .tensors
+            .iter()
+            .filter_map(|(name, t)| s.read_param_state(name, ".grad", t.numel()).expect("gradient reads").map(|g| (name.clone(), g)))
+            .collect();
+        (logits, grads, s.summary())
+    };
+    let c = config.n_embd;
+    for (what, trainable, lora, frozen_blocks, grad_count) in
+        [("last-blocks:1", Trainable::LastBlocks(1), None, 0..1, 15), ("LoRA", Trainable::Head, Some(&spec), 0..2, 17)]
+    {
+        let (want_logits, want_grads, f32_plan) = run(trainable, lora, Precision::F32, &rounded(frozen_blocks.clone()));
+        let (logits, grads, f16_plan) = run(trainable, lora, Precision::F16, &weights);
+        assert_close(&format!("{what}: f16 logits against f32 on rounded weights"), &logits, &to64_outer(&want_logits), 1e-5, 1e-4);
+        assert_eq!(grads.len(), grad_count, "{what}: parameters with gradients");
+        assert_eq!(want_grads.len(), grad_count, "{what}: parameters with gradients in f32");
+        for ((name, got), (want_name, want)) in grads.iter().zip(&want_grads) {
+            assert_eq!(name, want_name);
+            let want = to64_outer(want);
+            assert_close(&format!("{what}: f16 gradient of {name}"), got, &want, GRAD_ATOL_OF_MAX * max_abs(&want), GRAD_RTOL);
+        }
+        assert_eq!(f16_plan.frozen_params, f32_plan.frozen_params, "{what}: f16 weights count each value once");
+        // Each frozen block's 4 linear weights (12 C^2 values) go from 4 to 2 bytes per value.
+        let halved = (12 * c * c * frozen_blocks.len()) as u64 * 2;
+        assert_eq!(f32_plan.param_bytes - f16_plan.param_bytes, halved, "{what}: bytes saved");
+        // The f16 weights differ from the f32 ones, so the f32 graph on unrounded weights must
+        // give other logits: the comparison above is not vacuous.
+        let (plain_logits, _, _) = run(trainable, lora, Precision::F32, &weights);
+        assert_ne!(plain_logits, want_logits, "{what}: rounding to f16 changed no logit");
+    }
+}

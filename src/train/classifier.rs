@@ -9,7 +9,7 @@ use crate::fsutil::write_atomic;
 use crate::gpu::{Gpu, GpuError};
 use crate::graph::executor::{OptimizerSettings, StepInputs};
 use crate::graph::Session;
-use crate::model::gpt2::{build_graph_with_lora, BatchShape, Head, Trainable};
+use crate::model::gpt2::{build_graph_with, check_f16, BatchShape, Head, Precision, Trainable};
 use crate::model::lora::{self, LoraError, LoraModule, LoraSpec};
 use crate::model::load::{open_classifier, ModelError};
 use crate::model::weights::HeadKind;
@@ -166,6 +166,8 @@ pub struct TrainConfig {
     /// Train LoRA adapters on the targeted layers instead of the base weights, which stay
     /// frozen; `trainable` must then be [`Trainable::Head`].
     pub lora: Option<LoraSpec>,
+    /// Storage of the frozen linear weights on the device.
+    pub precision: Precision,
 }
 
 impl TrainConfig {
@@ -180,6 +182,7 @@ impl TrainConfig {
             seed: 123,
             max_length: None,
             trainable: Trainable::LastBlocks(1),
+            precision: Precision::F32,
             lr: 5e-5,
             weight_decay: 0.1,
             epochs: 5,
@@ -238,6 +241,8 @@ pub struct RunSummary {
     pub frozen_parameters: u64,
     /// Trainable set.
     pub train: String,
+    /// Storage of the frozen linear weights.
+    pub precision: Precision,
     /// Optimizer steps taken.
     pub steps: usize,
     /// Peak learning rate.
@@ -362,6 +367,9 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
                     config.trainable
                 )));
             }
+            if spec.quantize_base && config.precision == Precision::F16 {
+                return Err(TrainError::Invalid(crate::model::gpt2::F16_WITH_QUANTIZE.into()));
+            }
             if spec.quantize_base {
                 lora::check_quantizable(&model.config)?;
             }
@@ -383,7 +391,19 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     };
     let shape = BatchShape { batch: config.batch_size, seq_len };
     let max_binding = gpu.limits().max_storage_buffer_binding_size;
-    let graph = build_graph_with_lora(&model.config, head, shape, config.trainable, config.lora.as_ref(), max_binding);
+    if config.precision == Precision::F16 {
+        check_f16(&model.config).map_err(TrainError::Invalid)?;
+        crate::model::gpt2::check_f16_adapter(gpu).map_err(TrainError::Invalid)?;
+        let all_blocks_train = match config.trainable {
+            Trainable::All => true,
+            Trainable::LastBlocks(n) => n >= model.config.n_layer,
+            Trainable::Head | Trainable::Nothing => false,
+        };
+        if all_blocks_train && config.lora.is_none() {
+            log::warn!("--precision f16 stores frozen linear weights in f16, but --train {} freezes none; the run is the same as with f32", config.trainable);
+        }
+    }
+    let graph = build_graph_with(&model.config, head, shape, config.trainable, config.lora.as_ref(), config.precision, max_binding);
     let settings = OptimizerSettings {
         weight_decay: config.weight_decay,
         clip_grad_norm: config.clip_grad_norm,
@@ -644,6 +664,7 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
                 ),
                 None => config.trainable.to_string(),
             },
+            precision: config.precision,
             steps: step,
             lr: config.lr,
             epochs: config.epochs,
