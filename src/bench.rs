@@ -175,12 +175,14 @@ fn f16_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
             return Ok(Vec::new());
         }
     };
+
     let weight = gpu.upload("bench f16 weight", &packed)?;
     let inp = m.random("inp", rows * inner, 1.0)?;
     let bias = m.random("bias", cols, 0.05)?;
     let dout = m.random("dout", rows * cols, 1.0)?;
     let out = m.zeros("out", rows * cols)?;
     let dinp = m.zeros("dinp", rows * inner)?;
+
     let shape = matmul::MatmulShape::new(rows, inner, cols, matmul::WeightLayout::InOut);
     let flops = Some(2 * (rows * inner * cols) as u64);
     // Activations read and written as f32, the weight as 2 bytes per value.
@@ -189,6 +191,7 @@ fn f16_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
     let bound = f16_weights::F16Weight { rows: inner, cols, packed: (&weight).into() };
     let fwd = f16_weights::forward(gpu, "bench f16", shape, (&inp).into(), bound, Some((&bias).into()), (&out).into())?;
     let bin = f16_weights::backward_input(gpu, "bench f16 dinp", shape, (&dout).into(), bound, (&dinp).into(), false)?;
+
     Ok(vec![
         Case { kernel: "matmul_f16::matmul_f16_forward".into(), shape: text.clone(), flops, bytes, dispatches: vec![fwd], _buffers: vec![] },
         Case {

@@ -207,7 +207,7 @@ fn qlora_trains_and_rejects_bad_shapes() {
 }
 
 #[test]
-fn f16_precision_trains_like_f32_and_rejects_bad_settings() {
+fn f16_precision_train_and_errors() {
     if !have_adapter() {
         return;
     }

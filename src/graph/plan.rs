@@ -316,7 +316,7 @@ impl Plan {
                 // An NF4 weight counts its values once, through its codes (8 per u32).
                 TensorKind::Param { trainable: false } if t.name.ends_with(NF4_CODES_SUFFIX) => frozen_params += 8 * t.len() as u64,
                 TensorKind::Param { trainable: false } if t.name.contains(NF4_SCALES_MARK) => {}
-                // An f16 weight holds two values per u32.
+                // An f16 weight stores two values per u32.
                 TensorKind::Param { trainable: false } if t.name.ends_with(F16_SUFFIX) => frozen_params += 2 * t.len() as u64,
                 TensorKind::Param { trainable: false } => frozen_params += t.len() as u64,
                 _ => {}

@@ -151,7 +151,9 @@ fn check_shape(label: &str, shape: &MatmulShape, weight: &F16Weight<'_>) {
          is not supported"
     );
     let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = *shape;
-    assert!(rows > 0 && inner > 0 && cols > 0, "matmul_f16 `{label}`: every dimension must be non-zero, got M={rows} K={inner} N={cols}");
+    for (name, dimension) in [("M", rows), ("K", inner), ("N", cols)] {
+        assert!(dimension > 0, "matmul_f16 `{label}`: every dimension must be non-zero, got {name}=0 (M={rows} K={inner} N={cols})");
+    }
     assert!(
         weight.rows == inner && weight.cols == cols,
         "matmul_f16 `{label}`: the weight is ({}, {}), the product needs (K, N) = ({inner}, {cols})",
@@ -336,7 +338,7 @@ mod tests {
         format!("matmul_f16 {kind} M={rows} K={inner} N={cols} columns {out_offset}..{} of {out_stride} {flag}", out_offset + cols)
     }
 
-    /// Runs the forward into an output that holds random values and compares its column range
+    /// Runs the forward into an output that contains random values and compares its column range
     /// with the f64 product of the f16 weight, and every other column with its old value.
     fn check_forward(gpu: &Gpu, shape: MatmulShape, values: &[f32], with_bias: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;
@@ -366,7 +368,7 @@ mod tests {
         }
     }
 
-    /// Runs the input gradient into a dinp that holds random values and compares it with the
+    /// Runs the input gradient into a dinp that contains random values and compares it with the
     /// f64 product of the f16 weight, plus the old values when accumulating.
     fn check_backward_input(gpu: &Gpu, shape: MatmulShape, values: &[f32], accumulate: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;

@@ -580,6 +580,7 @@ fn f16_frozen_weights_match_f32_on_rounded_weights() {
         tensor.data.iter_mut().for_each(|v| *v += rng.random_range(-0.2f32..0.2));
         weights.insert(name, tensor);
     }
+
     let shape = BatchShape { batch: 3, seq_len: 16 };
     let ids: Vec<u32> = (0..48).map(|_| rng.random_range(0..50257)).collect();
     let inputs = (ids, vec![16u32, 9, 1], vec![2i32, 0, 1]);
@@ -595,6 +596,7 @@ fn f16_frozen_weights_match_f32_on_rounded_weights() {
         }
         w
     };
+
     let run = |trainable: Trainable, lora: Option<&LoraSpec>, precision: Precision, weights: &Weights| {
         let graph = build_graph_with(&config, head, shape, trainable, lora, precision, max_binding);
         let mut s = Session::new(gpu, graph, weights, true, settings()).expect("session builds");
@@ -608,6 +610,7 @@ fn f16_frozen_weights_match_f32_on_rounded_weights() {
             .collect();
         (logits, grads, s.summary())
     };
+
     let c = config.n_embd;
     for (what, trainable, lora, frozen_blocks, grad_count) in
         [("last-blocks:1", Trainable::LastBlocks(1), None, 0..1, 15), ("LoRA", Trainable::Head, Some(&spec), 0..2, 17)]
