@@ -20,6 +20,13 @@
 // floats), because vec4 storage access moves several times more bytes per second than scalar
 // access on CPU drivers; work is spread over a 2-D grid of workgroups. In the last vec4 of a
 // tensor whose length is not a multiple of 4, the lanes past `len` keep their stored values.
+//
+// adamw_update_rows is the same update for a table whose gradient reaches only some rows per
+// step, the token embedding of a classifier: `touched` holds one flag per row of `row_len`
+// floats, set by the host before the step in which the row first receives a gradient. A row
+// whose flag is 0 has m = v = 0 and a zero gradient, for which the update above reduces to
+// param = param * (1 - lr * weight_decay), bit for bit; the kernel then loads and stores only
+// param. A flag of 1 on a row that never received a gradient costs time but changes nothing.
 
 const WORKGROUP_SIZE: u32 = 256u;
 // Added to the norm before dividing, the value torch.nn.utils.clip_grad_norm_ uses.
@@ -30,8 +37,9 @@ struct AdamWParams {
     len: u32,
     // Decoupled weight decay coefficient of this tensor (0 for biases and layer norms).
     weight_decay: f32,
+    // adamw_update_rows: floats per row, a multiple of 4.
+    row_len: u32,
     _pad0: u32,
-    _pad1: u32,
 }
 
 // Written by the host before each optimizer step, shared by every tensor's dispatch.
@@ -57,38 +65,98 @@ struct AdamWStep {
 @group(0) @binding(4) var<storage, read_write> grad: array<vec4<f32>>;  // (N / 4), zeroed
 @group(0) @binding(5) var<storage, read_write> m: array<vec4<f32>>;     // (N / 4), first moment, updated in place
 @group(0) @binding(6) var<storage, read_write> v: array<vec4<f32>>;     // (N / 4), second moment, updated in place
+@group(0) @binding(7) var<storage, read> touched: array<u32>;           // adamw_update_rows: (N / row_len)
+
+// The vec4 that invocation `gid` updates, and which of its lanes lie inside the tensor.
+struct Quad {
+    index: u32,
+    inside: bool,
+    live: vec4<bool>,
+}
+
+fn quad(gid: vec3<u32>, groups: vec3<u32>) -> Quad {
+    let i = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
+    let first = i * 4u;
+    // Lanes at or past `len` belong to the padding of the last vec4 and keep their values.
+    let live = vec4<u32>(first, first + 1u, first + 2u, first + 3u) < vec4<u32>(params.len);
+    return Quad(i, first < params.len, live);
+}
+
+// The factor that clipping applies to the gradient, or -1 when the step is skipped because the
+// norm is NaN or infinite.
+fn clip_factor() -> f32 {
+    if (step.max_norm <= 0.0) {
+        return 1.0;
+    }
+    let total = norm[0];
+    // An all-ones exponent marks NaN and infinity; compare bits so that no compiler assumption
+    // about NaN comparisons can change the outcome.
+    if ((bitcast<u32>(total) & 0x7f800000u) == 0x7f800000u) {
+        return -1.0;
+    }
+    return min(1.0, step.max_norm / (total * step.grad_scale + CLIP_EPSILON));
+}
+
+// param * (1 - lr * weight_decay), the decoupled weight decay; both entry points use this one
+// expression so that they round alike.
+fn decayed(p: vec4<f32>) -> vec4<f32> {
+    return p * (1.0 - step.lr * params.weight_decay);
+}
+
+// The full update of one vec4; with a negative `clip` only the gradient is zeroed.
+fn update_quad(q: Quad, clip: f32) {
+    let i = q.index;
+    // Every operand is loaded once into a local. The bindings may alias as far as the compiler
+    // knows, so an operand read again after a store would be loaded again, and on CPU drivers
+    // the loads are what this kernel spends its time on.
+    let grad_old = grad[i];
+    let zeroed = select(grad_old, vec4<f32>(0.0), q.live);
+    if (clip < 0.0) {
+        grad[i] = zeroed;
+        return;
+    }
+    let param_old = param[i];
+    let m_old = m[i];
+    let v_old = v[i];
+    let scale = step.grad_scale * clip;
+    let step_size = step.lr / step.bias_correction1;
+    let bias_correction2_sqrt = sqrt(step.bias_correction2);
+    let g = grad_old * scale;
+    let m_new = step.beta1 * m_old + (1.0 - step.beta1) * g;
+    let v_new = step.beta2 * v_old + (1.0 - step.beta2) * g * g;
+    let denominator = sqrt(v_new) / bias_correction2_sqrt + step.eps;
+    let param_new = decayed(param_old) - step_size * m_new / denominator;
+    param[i] = select(param_old, param_new, q.live);
+    m[i] = select(m_old, m_new, q.live);
+    v[i] = select(v_old, v_new, q.live);
+    grad[i] = zeroed;
+}
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn adamw_update(@builtin(global_invocation_id) gid: vec3<u32>,
                 @builtin(num_workgroups) groups: vec3<u32>) {
-    let i = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
-    let first = i * 4u;
-    if (first >= params.len) {
+    let q = quad(gid, groups);
+    if (q.inside) {
+        update_quad(q, clip_factor());
+    }
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn adamw_update_rows(@builtin(global_invocation_id) gid: vec3<u32>,
+                     @builtin(num_workgroups) groups: vec3<u32>) {
+    let q = quad(gid, groups);
+    if (!q.inside) {
         return;
     }
-    // Lanes at or past `len` belong to the padding of the last vec4 and keep their values.
-    let live = vec4<u32>(first, first + 1u, first + 2u, first + 3u) < vec4<u32>(params.len);
-    var clip = 1.0;
-    if (step.max_norm > 0.0) {
-        // An all-ones exponent marks NaN and infinity; compare bits so that no compiler
-        // assumption about NaN comparisons can change the outcome.
-        if ((bitcast<u32>(norm[0]) & 0x7f800000u) == 0x7f800000u) {
-            grad[i] = select(grad[i], vec4<f32>(0.0), live);
-            return;
+    let clip = clip_factor();
+    // One flag per row of row_len floats; a vec4 never straddles two rows.
+    if (touched[q.index * 4u / params.row_len] == 0u) {
+        // A skipped step leaves param alone, and grad is already 0.
+        if (clip >= 0.0) {
+            let param_old = param[q.index];
+            param[q.index] = select(param_old, decayed(param_old), q.live);
         }
-        clip = min(1.0, step.max_norm / (norm[0] * step.grad_scale + CLIP_EPSILON));
+        return;
     }
-    let scale = step.grad_scale * clip;
-    let decay = 1.0 - step.lr * params.weight_decay;
-    let step_size = step.lr / step.bias_correction1;
-    let bias_correction2_sqrt = sqrt(step.bias_correction2);
-    let g = grad[i] * scale;
-    let m_new = step.beta1 * m[i] + (1.0 - step.beta1) * g;
-    let v_new = step.beta2 * v[i] + (1.0 - step.beta2) * g * g;
-    let denominator = sqrt(v_new) / bias_correction2_sqrt + step.eps;
-    let param_new = param[i] * decay - step_size * m_new / denominator;
-    param[i] = select(param[i], param_new, live);
-    m[i] = select(m[i], m_new, live);
-    v[i] = select(v[i], v_new, live);
-    grad[i] = select(grad[i], vec4<f32>(0.0), live);
+    update_quad(q, clip);
 }

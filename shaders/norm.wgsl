@@ -3,6 +3,13 @@
 // norm_partial_sums: partials[partial_offset + k] = sum of x^2 over block k of one tensor
 //   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block.
 // norm_finalize:     norm[0] = sqrt(sum of partials[0..count]) (assigned), in one workgroup.
+// norm_partial_sums_rows: the partial sums of a table of rows of `row_len` floats (a multiple of
+//                    ELEMENTS_PER_INVOCATION) whose gradient can be nonzero only in the rows
+//                    flagged in `touched` (see adamw_update_rows in shaders/adamw.wgsl). Each
+//                    invocation squares ELEMENTS_PER_INVOCATION consecutive floats of one row,
+//                    and only when that row is flagged, so an unflagged row costs one load
+//                    instead of row_len. The blocks and partials are those of norm_partial_sums;
+//                    the order of the additions within a block differs.
 //
 // Both reductions run in a fixed order (a strided loop per invocation, then a tree over the
 // workgroup), never with atomics, so two runs give bitwise-identical norms.
@@ -19,13 +26,15 @@ struct NormParams {
     partial_offset: u32,
     // norm_finalize: number of partial sums to add.
     count: u32,
-    _pad0: u32,
+    // norm_partial_sums_rows: floats per row of the table.
+    row_len: u32,
 }
 
 // Each slot is declared once and shared by both entry points.
 @group(0) @binding(0) var<uniform> params: NormParams;
 @group(0) @binding(1) var<storage, read> input: array<f32>;        // partial sums: grad (len); finalize: partials (count)
 @group(0) @binding(2) var<storage, read_write> output: array<f32>; // partial sums: partials; finalize: norm (1)
+@group(0) @binding(3) var<storage, read> touched: array<u32>;       // partial sums of rows: (len / row_len)
 
 var<workgroup> partial: array<f32, WORKGROUP_SIZE>;
 
@@ -38,6 +47,16 @@ fn reduce_workgroup(lid: u32) {
             partial[lid] = partial[lid] + partial[lid + stride];
         }
         workgroupBarrier();
+    }
+}
+
+// Adds every invocation's `sum` and stores the total as the partial sum of `block`. Every
+// invocation of the workgroup must call it.
+fn store_block_sum(lid: u32, block: u32, sum: f32) {
+    partial[lid] = sum;
+    reduce_workgroup(lid);
+    if (lid == 0u) {
+        output[params.partial_offset + block] = partial[0];
     }
 }
 
@@ -59,11 +78,7 @@ fn norm_partial_sums(@builtin(workgroup_id) wid: vec3<u32>,
             sum = fma(x, x, sum);
         }
     }
-    partial[lid] = sum;
-    reduce_workgroup(lid);
-    if (lid == 0u) {
-        output[params.partial_offset + block] = partial[0];
-    }
+    store_block_sum(lid, block, sum);
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -77,4 +92,26 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     if (lid == 0u) {
         output[0] = sqrt(partial[0]);
     }
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn norm_partial_sums_rows(@builtin(workgroup_id) wid: vec3<u32>,
+                          @builtin(num_workgroups) groups: vec3<u32>,
+                          @builtin(local_invocation_index) lid: u32) {
+    let block = wid.x + wid.y * groups.x;
+    let start = block * BLOCK_SIZE;
+    // Uniform across the workgroup, so the barriers below stay in uniform control flow.
+    if (start >= params.len) {
+        return;
+    }
+    // len is a whole number of rows, each a whole number of these runs.
+    let first = start + lid * ELEMENTS_PER_INVOCATION;
+    var sum = 0.0;
+    if (first < params.len && touched[first / params.row_len] != 0u) {
+        for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
+            let x = input[first + k];
+            sum = fma(x, x, sum);
+        }
+    }
+    store_block_sum(lid, block, sum);
 }

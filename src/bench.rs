@@ -189,20 +189,21 @@ fn f16_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
     let bytes = 4 * (rows * inner + rows * cols) as u64 + 2 * (inner * cols) as u64;
     let text = format!("({rows}, {inner}) x ({inner}, {cols}) {name}");
     let bound = f16_weights::F16Weight { rows: inner, cols, packed: (&weight).into() };
-    let fwd = f16_weights::forward(gpu, "bench f16", shape, (&inp).into(), bound, Some((&bias).into()), (&out).into())?;
-    let bin = f16_weights::backward_input(gpu, "bench f16 dinp", shape, (&dout).into(), bound, (&dinp).into(), false)?;
-
-    Ok(vec![
-        Case { kernel: "matmul_f16::matmul_f16_forward".into(), shape: text.clone(), flops, bytes, dispatches: vec![fwd], _buffers: vec![] },
-        Case {
-            kernel: "matmul_f16::matmul_f16_backward_input".into(),
-            shape: text,
-            flops,
-            bytes,
-            dispatches: vec![bin],
-            _buffers: vec![weight, inp, bias, dout, out, dinp],
-        },
-    ])
+    let blocked = f16_weights::Kernels::Blocked;
+    let fwd = f16_weights::forward_with(gpu, "bench f16", blocked, shape, (&inp).into(), bound, Some((&bias).into()), (&out).into())?;
+    let bin = f16_weights::backward_input_with(gpu, "bench f16 dinp", blocked, shape, (&dout).into(), bound, (&dinp).into(), false)?;
+    let case = |kernel: &str, dispatch: Dispatch| Case { kernel: kernel.into(), shape: text.clone(), flops, bytes, dispatches: vec![dispatch], _buffers: vec![] };
+    let mut cases = vec![case("matmul_f16::matmul_f16_forward", fwd), case("matmul_f16::matmul_f16_backward_input", bin)];
+    // The subgroup products with f16 loads, where the launchers would choose them.
+    let subgroup_fwd = matmul::f16_subgroup(gpu, "bench f16 subgroup", shape, false, (&inp).into(), (&weight).into(), Some((&bias).into()), (&out).into(), false)?;
+    let subgroup_bin = matmul::f16_subgroup(gpu, "bench f16 subgroup dinp", shape, true, (&dout).into(), (&weight).into(), None, (&dinp).into(), false)?;
+    if let (Some(fwd), Some(bin)) = (subgroup_fwd, subgroup_bin) {
+        cases.push(case("matmul_f16_subgroup::matmul_nn", fwd));
+        cases.push(case("matmul_f16_subgroup::matmul_nt", bin));
+    }
+    // The last case keeps the buffers alive until the cases have run.
+    cases.last_mut().expect("two cases at least")._buffers = vec![weight, inp, bias, dout, out, dinp];
+    Ok(cases)
 }
 
 fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
@@ -422,7 +423,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         flops: None,
         // Reads param, grad, m, v; writes param, grad (zeroed), m, v.
         bytes: 4 * 8 * n as u64,
-        dispatches: vec![adamw::update(gpu, "bench adamw", n, 0.1, (&step).into(), (&gnorm).into(), (&param).into(), (&grad).into(), (&mm).into(), (&vv).into())?],
+        dispatches: vec![adamw::update(gpu, "bench adamw", n, 0.1, (&step).into(), (&gnorm).into(), adamw::AdamWState { param: (&param).into(), grad: (&grad).into(), m: (&mm).into(), v: (&vv).into() })?],
         _buffers: vec![],
     });
     out.push(Case {

@@ -232,6 +232,37 @@ fn f16_precision_train_and_errors() {
     assert_ne!(full_loss, half_loss, "f16 storage changed nothing: was it used?");
     assert_eq!(full["test"]["confusion_matrix"], half["test"]["confusion_matrix"], "f16 changed a test prediction");
 
+    // predict and eval store the trained model's block weights in f16 with the same option.
+    let model = dir.path().join("f32").join("model");
+    let model_arg = model.display().to_string();
+    let probabilities = |precision: &str| -> Vec<f64> {
+        let json = predict_json(&["--model", &model_arg, "--precision", precision, "WINNER!! Claim your prize now", "Are we still meeting for lunch?"]);
+        json.as_array().unwrap().iter().flat_map(|p| p["probabilities"].as_object().unwrap().values().map(|v| v.as_f64().unwrap())).collect()
+    };
+    let (full_probs, half_probs) = (probabilities("f32"), probabilities("f16"));
+    assert_eq!(full_probs.len(), 4);
+    for (a, b) in full_probs.iter().zip(&half_probs) {
+        assert!((a - b).abs() <= 1e-3, "predict probabilities f32 {full_probs:?}, f16 {half_probs:?}");
+    }
+    assert_ne!(full_probs, half_probs, "predict --precision f16 changed nothing: was it used?");
+    let eval = |precision: &str| -> serde_json::Value {
+        let out = dir.path().join(format!("eval-{precision}"));
+        let output = shadertune()
+            .args(["eval", "--model", &model_arg, "--max-length", "24", "--precision", precision, "--data"])
+            .arg(dir.path().join("f32/splits/test.jsonl"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "eval --precision {precision} failed: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap()
+    };
+    let (full_eval, half_eval) = (eval("f32"), eval("f16"));
+    assert_eq!(half_eval["run"]["precision"], "f16", "eval run summary: {}", half_eval["run"]);
+    assert_eq!(full_eval["test"]["confusion_matrix"], half_eval["test"]["confusion_matrix"], "eval --precision f16 changed a prediction");
+    let (full_loss, half_loss) = (loss(&full_eval), loss(&half_eval));
+    assert!((full_loss - half_loss).abs() <= 1e-3 * full_loss.abs().max(1.0), "eval test loss f32 {full_loss}, f16 {half_loss}");
+
     let output = shadertune().args(lora_train_args(&data, &dir.path().join("both"), &["--quantize", "nf4", "--precision", "f16"])).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");

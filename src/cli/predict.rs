@@ -1,6 +1,7 @@
 //! `shadertune predict` and `shadertune eval`: use a trained classifier.
 
 use clap::Args;
+use shadertune::model::gpt2::Precision;
 use shadertune::train::classifier::{write_report, DatasetSummary, Report, RunSummary};
 use shadertune::train::classify::Classifier;
 use shadertune::train::metrics::SplitMetrics;
@@ -28,6 +29,10 @@ pub(crate) struct PredictArgs {
     /// Print a JSON array instead of text.
     #[arg(long)]
     json: bool,
+    /// Storage of the linear weights of the blocks on the device: f32, or f16, which halves
+    /// their memory. The kernels multiply and sum in f32 either way.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -46,7 +51,7 @@ pub(crate) fn run_predict(args: &PredictArgs) -> anyhow::Result<()> {
     if texts.is_empty() {
         anyhow::bail!("no text to classify: give texts as arguments or --file PATH");
     }
-    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?;
+    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?.with_precision(args.precision)?;
     let gpu = args.device.open()?;
     let predictions = classifier.predict(&gpu, &texts, args.batch_size)?;
     if args.json {
@@ -85,6 +90,10 @@ pub(crate) struct EvalArgs {
     /// Output directory for metrics.json and confusion_matrix.png. Default: runs/eval-<timestamp>.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Storage of the linear weights of the blocks on the device: f32, or f16, which halves
+    /// their memory. The kernels multiply and sum in f32 either way.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     #[command(flatten)]
     device: super::DeviceArgs,
 }
@@ -96,7 +105,7 @@ pub(crate) fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
         PathBuf::from("runs").join(format!("eval-{secs}"))
     });
     shadertune::train::classifier::check_output_dir(&out)?;
-    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?;
+    let classifier = Classifier::open_with(&args.model, args.adapter.as_deref())?.with_precision(args.precision)?;
     let gpu = args.device.open()?;
     let read = args.columns.read_options()?;
     let (eval, dataset, seq_len, truncated) = classifier.evaluate_file(&gpu, &args.data, &read, args.batch_size, args.max_length)?;
@@ -124,7 +133,7 @@ pub(crate) fn run_eval(args: &EvalArgs) -> anyhow::Result<()> {
             trainable_parameters: 0,
             frozen_parameters: 0,
             train: "none".into(),
-            precision: shadertune::model::gpt2::Precision::F32,
+            precision: classifier.precision(),
             steps: 0,
             lr: 0.0,
             epochs: 0,

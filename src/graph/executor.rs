@@ -7,6 +7,7 @@ use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
 use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
+use std::cell::RefCell;
 use std::collections::HashMap;
 
 /// Optimizer settings of a training session.
@@ -139,6 +140,39 @@ pub struct Session<'g> {
     nf4_means: HashMap<TensorId, f32>,
     /// Device copies of the loss of recent training steps, when enabled by [`Session::log_losses`].
     loss_log: Option<LossLog>,
+    /// Host copies of the row flags of the tables whose optimizer skips untouched rows (see
+    /// [`RowFlags`](super::plan::RowFlags)).
+    touched_rows: RefCell<Vec<TouchedRows>>,
+    /// Distinct token ids of the batch last written by [`Session::set_inputs`], when some table
+    /// has row flags.
+    batch_tokens: RefCell<Vec<u32>>,
+}
+
+/// The host copy of one table's row flags (see [`RowFlags`](super::plan::RowFlags)), which the host sets and uploads
+/// before the first training step that gives a row a gradient.
+struct TouchedRows {
+    /// Model weight whose table (or row chunk) the flags cover.
+    weight: String,
+    flags: TensorId,
+    row_len: usize,
+    /// Row of the whole weight that `host[0]` stands for.
+    row_offset: usize,
+    host: Vec<u32>,
+}
+
+impl TouchedRows {
+    /// Flags the rows (numbered in the whole weight) that fall in this table; true when one was
+    /// not flagged before.
+    fn flag(&mut self, rows: impl Iterator<Item = usize>) -> bool {
+        let mut changed = false;
+        for row in rows {
+            if let Some(flag) = row.checked_sub(self.row_offset).and_then(|r| self.host.get_mut(r)) {
+                changed |= *flag == 0;
+                *flag = 1;
+            }
+        }
+        changed
+    }
 }
 
 /// A buffer on the device that each training step copies its loss and position count into, so
@@ -164,7 +198,20 @@ impl<'g> Session<'g> {
         train: bool,
         settings: OptimizerSettings,
     ) -> Result<Session<'g>, GpuError> {
-        let plan = Plan::new(graph, PlanOptions { train, clip: settings.clip_grad_norm.is_some() || settings.skip_nonfinite });
+        Session::with_row_flags(gpu, graph, weights, train, settings, true)
+    }
+
+    /// [`Session::new`], with `row_flags` false giving every table the dense optimizer update.
+    pub(crate) fn with_row_flags(
+        gpu: &'g Gpu,
+        graph: super::ir::Graph,
+        weights: &Weights,
+        train: bool,
+        settings: OptimizerSettings,
+        row_flags: bool,
+    ) -> Result<Session<'g>, GpuError> {
+        let clip = settings.clip_grad_norm.is_some() || settings.skip_nonfinite;
+        let plan = Plan::new(graph, PlanOptions { train, clip, row_flags });
         check_limits(gpu, &plan)?;
         let summary = plan.summary();
         log::info!(
@@ -206,7 +253,10 @@ impl<'g> Session<'g> {
             micro_batches: 0,
             nf4_means: HashMap::new(),
             loss_log: None,
+            touched_rows: RefCell::new(Vec::new()),
+            batch_tokens: RefCell::new(Vec::new()),
         };
+        session.touched_rows = RefCell::new(session.row_flag_tables());
         session.upload_weights(weights)?;
         session.build_dispatches()?;
         Ok(session)
@@ -345,6 +395,15 @@ impl<'g> Session<'g> {
             let len = self.plan.graph.tensors[id].len();
             self.gpu.write(&self.dedicated[&id], 0, &whole[start..start + len]);
         }
+        if suffix == ".adam_m" || suffix == ".adam_v" {
+            // Rows with nonzero moments need the full update from now on.
+            for table in self.touched_rows.borrow_mut().iter_mut().filter(|t| t.weight == name) {
+                let nonzero = whole.chunks(table.row_len).enumerate().filter(|(_, row)| row.iter().any(|&x| x != 0.0)).map(|(r, _)| r);
+                if table.flag(nonzero) {
+                    self.gpu.write(&self.dedicated[&table.flags], 0, &table.host);
+                }
+            }
+        }
         !chunks.is_empty()
     }
 
@@ -387,6 +446,35 @@ impl<'g> Session<'g> {
             let s = embedding::token_segments(inputs.ids);
             self.gpu.write(order, 0, &s.order);
             self.gpu.write(segments, 0, &s.segments);
+            if !self.touched_rows.borrow().is_empty() {
+                // segments: the number of distinct ids, then (id, start, end) for each.
+                let distinct = s.segments[0] as usize;
+                *self.batch_tokens.borrow_mut() = (0..distinct).map(|k| s.segments[1 + 3 * k]).collect();
+            }
+        }
+    }
+
+    /// Creates the host copies of the plan's row flags, every row unflagged because the moments
+    /// start at 0.
+    fn row_flag_tables(&self) -> Vec<TouchedRows> {
+        let mut tables = Vec::new();
+        for kernel in &self.plan.kernels {
+            let Kernel::AdamW { param, rows: Some(rows), .. } = kernel else { continue };
+            let source = self.plan.graph.params.iter().find(|p| p.tensor == *param).expect("every trained tensor is a model weight");
+            let count = self.plan.graph.tensors[rows.flags].len();
+            tables.push(TouchedRows { weight: source.name.clone(), flags: rows.flags, row_len: rows.row_len, row_offset: rows.row_offset, host: vec![0; count] });
+        }
+        tables
+    }
+
+    /// Flags the rows of the tokens of the batch about to train and uploads the flags that
+    /// changed, before the step that gives those rows a gradient.
+    fn flag_batch_rows(&self) {
+        let tokens = self.batch_tokens.borrow();
+        for table in self.touched_rows.borrow_mut().iter_mut() {
+            if table.flag(tokens.iter().map(|&id| id as usize)) {
+                self.gpu.write(&self.dedicated[&table.flags], 0, &table.host);
+            }
         }
     }
 
@@ -407,6 +495,7 @@ impl<'g> Session<'g> {
         }
         if train {
             self.micro_batches = if update.is_some() { 0 } else { self.micro_batches + 1 };
+            self.flag_batch_rows();
         }
         let end = if !train {
             self.forward_dispatches
@@ -493,6 +582,7 @@ impl<'g> Session<'g> {
         }
         let end = if train { self.dispatches.len() } else { self.forward_dispatches };
         if train {
+            self.flag_batch_rows();
             let step = adamw::AdamWStep {
                 lr: 0.0,
                 beta1: self.settings.beta1,
@@ -852,29 +942,29 @@ impl<'g> Session<'g> {
             Kernel::EmbeddingPosition { batch, seq_len, channels, dout, dwpe } => {
                 out.push(embedding::backward_position(gpu, "position embedding grad", *batch, *seq_len, *channels, b(*dout), b(*dwpe))?);
             }
-            Kernel::NormPartials { len, grad, partials, offset } => {
-                out.push(norm::partial_sums(gpu, &format!("grad norm {}", self.name(*grad)), *len, b(*grad), b(*partials), *offset)?);
+            Kernel::NormPartials { len, grad, partials, offset, rows } => {
+                let label = format!("grad norm {}", self.name(*grad));
+                out.push(match rows {
+                    None => norm::partial_sums(gpu, &label, *len, b(*grad), b(*partials), *offset)?,
+                    Some(r) => norm::partial_sums_rows(gpu, &label, *len, r.row_len, b(*grad), b(r.flags), b(*partials), *offset)?,
+                });
             }
             Kernel::NormFinalize { count, partials, norm: n } => {
                 out.push(norm::finalize(gpu, "grad norm total", *count, b(*partials), b(*n))?);
             }
-            Kernel::AdamW { len, param, grad, m, v } => {
+            Kernel::AdamW { len, param, grad, m, v, rows } => {
                 let norm_binding = match self.plan.norm {
                     Some(n) => b(n),
                     None => gpu.placeholder(),
                 };
-                out.push(adamw::update(
-                    gpu,
-                    &format!("adamw {}", self.name(*param)),
-                    *len,
-                    self.settings.weight_decay,
-                    TensorBinding::whole(&self.step_buffer),
-                    norm_binding,
-                    b(*param),
-                    b(*grad),
-                    b(*m),
-                    b(*v),
-                )?);
+                let label = format!("adamw {}", self.name(*param));
+                let step = TensorBinding::whole(&self.step_buffer);
+                let state = adamw::AdamWState { param: b(*param), grad: b(*grad), m: b(*m), v: b(*v) };
+                let decay = self.settings.weight_decay;
+                out.push(match rows {
+                    None => adamw::update(gpu, &label, *len, decay, step, norm_binding, state)?,
+                    Some(r) => adamw::update_rows(gpu, &label, *len, r.row_len, decay, step, norm_binding, state, b(r.flags))?,
+                });
             }
         }
         Ok(())

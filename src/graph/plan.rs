@@ -4,6 +4,7 @@ use super::autodiff::{self, Backward};
 use super::ir::{DType, Graph, Op, RowChunk, TensorId, TensorKind};
 use crate::kernels::attention::AttentionShape;
 use crate::kernels::matmul::MatmulShape;
+use std::collections::HashMap;
 
 /// One kernel of a step, with every tensor it binds.
 #[derive(Clone, Debug)]
@@ -76,9 +77,25 @@ pub(crate) enum Kernel {
         rows: usize,
     },
     EmbeddingPosition { batch: usize, seq_len: usize, channels: usize, dout: TensorId, dwpe: TensorId },
-    NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize },
+    /// With `rows`, unflagged rows are skipped (see [`RowFlags`]).
+    NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize, rows: Option<RowFlags> },
     NormFinalize { count: usize, partials: TensorId, norm: TensorId },
-    AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId },
+    /// With `rows`, only the flagged rows get the full update (see [`RowFlags`]).
+    AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, rows: Option<RowFlags> },
+}
+
+/// Per-row flags of a table whose gradient reaches only the rows of the tokens in the batch: the
+/// token embedding, when no tied language-model head adds to its gradient. The host sets a row's
+/// flag before the first step that gives the row a gradient. The optimizer gives unflagged rows,
+/// whose moments are still 0, only the weight decay.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowFlags {
+    /// U32 tensor with one flag per row.
+    pub flags: TensorId,
+    /// Floats per row.
+    pub row_len: usize,
+    /// Row of the whole table that the first flag stands for (tables split into row chunks).
+    pub row_offset: usize,
 }
 
 impl Kernel {
@@ -119,9 +136,17 @@ impl Kernel {
             DropoutBackward { seed, dout, dinp, .. } => vec![*seed, *dout, *dinp],
             EmbeddingToken { order, segments, dout, dwte, .. } => vec![*order, *segments, *dout, *dwte],
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
-            NormPartials { grad, partials, .. } => vec![*grad, *partials],
+            NormPartials { grad, partials, rows, .. } => {
+                let mut t = vec![*grad, *partials];
+                t.extend(rows.map(|r| r.flags));
+                t
+            }
             NormFinalize { partials, norm, .. } => vec![*partials, *norm],
-            AdamW { param, grad, m, v, .. } => vec![*param, *grad, *m, *v],
+            AdamW { param, grad, m, v, rows, .. } => {
+                let mut t = vec![*param, *grad, *m, *v];
+                t.extend(rows.map(|r| r.flags));
+                t
+            }
         }
     }
 
@@ -231,6 +256,9 @@ pub(crate) struct PlanOptions {
     pub train: bool,
     /// Clip gradients by their global norm (adds the norm reduction kernels).
     pub clip: bool,
+    /// Give the optimizer row flags for tables whose gradient reaches only some rows (see
+    /// [`RowFlags`]); off only to compare against the dense update in tests.
+    pub row_flags: bool,
 }
 
 /// Name suffixes of the two device tensors of an NF4 weight.
@@ -259,6 +287,27 @@ pub(crate) struct Plan {
     pub norm: Option<TensorId>,
 }
 
+/// Name suffix of the row flags of a table whose optimizer skips untouched rows (see [`RowFlags`]).
+pub(crate) const ROWS_TOUCHED_SUFFIX: &str = ".rows_touched";
+
+/// Floats per row and first row of `grad` in the whole table when only token-embedding backward
+/// kernels write it, so that it is nonzero only in the rows of the batch's tokens.
+fn row_sparse_table(backward: &[Kernel], grad: TensorId) -> Option<(usize, usize)> {
+    let mut found = None;
+    for kernel in backward {
+        if !kernel.tensors().contains(&grad) {
+            continue;
+        }
+        match kernel {
+            Kernel::EmbeddingToken { dwte, channels, row_offset, .. } if *dwte == grad => {
+                found = Some((*channels, *row_offset));
+            }
+            _ => return None,
+        }
+    }
+    found
+}
+
 /// Maximum number of partial sums per tensor in the norm reduction; must match the norm kernels.
 fn norm_partials(len: usize) -> usize {
     crate::kernels::norm::partials_len(len)
@@ -275,6 +324,18 @@ impl Plan {
 
         let mut norm = None;
         if options.train && !backward.param_grads.is_empty() {
+            // Row flags of the tables whose gradient reaches only the batch's rows; the AdamW
+            // row kernel reads whole vec4s of one row.
+            let mut row_flags = HashMap::new();
+            for &(param, grad) in &backward.param_grads {
+                let Some((row_len, row_offset)) = row_sparse_table(&backward.kernels, grad).filter(|_| options.row_flags) else { continue };
+                if row_len % 4 == 0 {
+                    let rows = graph.tensors[param].shape[0];
+                    let name = format!("{}{ROWS_TOUCHED_SUFFIX}", graph.tensors[param].name);
+                    let flags = graph.tensor(name, &[rows], DType::U32, TensorKind::OptimizerState);
+                    row_flags.insert(grad, RowFlags { flags, row_len, row_offset });
+                }
+            }
             if options.clip {
                 let total: usize = backward.param_grads.iter().map(|&(_, g)| norm_partials(graph.tensors[g].len())).sum();
                 let partials = graph.tensor("grad_norm_partials", &[total], DType::F32, TensorKind::Scratch);
@@ -282,7 +343,8 @@ impl Plan {
                 let mut offset = 0;
                 for &(_, grad) in &backward.param_grads {
                     let len = graph.tensors[grad].len();
-                    kernels.push(Kernel::NormPartials { len, grad, partials, offset });
+                    let rows = row_flags.get(&grad).copied().filter(|r| crate::kernels::norm::rows_supported(r.row_len));
+                    kernels.push(Kernel::NormPartials { len, grad, partials, offset, rows });
                     offset += norm_partials(len);
                 }
                 kernels.push(Kernel::NormFinalize { count: total, partials, norm: n });
@@ -293,7 +355,8 @@ impl Plan {
                 let name = graph.tensors[param].name.clone();
                 let m = graph.tensor(format!("{name}.adam_m"), &shape, DType::F32, TensorKind::OptimizerState);
                 let v = graph.tensor(format!("{name}.adam_v"), &shape, DType::F32, TensorKind::OptimizerState);
-                kernels.push(Kernel::AdamW { len: graph.tensors[param].len(), param, grad, m, v });
+                let rows = row_flags.get(&grad).copied();
+                kernels.push(Kernel::AdamW { len: graph.tensors[param].len(), param, grad, m, v, rows });
             }
         }
         let (storage, pool_sizes) = assign_storage(&graph, &kernels);

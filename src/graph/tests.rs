@@ -10,7 +10,7 @@ const LAVAPIPE_BINDING: u64 = 128 << 20;
 
 fn plan(config: &Gpt2Config, head: Head, trainable: Trainable) -> Plan {
     let graph = build_graph(config, head, BatchShape { batch: 8, seq_len: 120 }, trainable, LAVAPIPE_BINDING);
-    Plan::new(graph, PlanOptions { train: trainable != Trainable::Nothing, clip: true })
+    Plan::new(graph, PlanOptions { train: trainable != Trainable::Nothing, clip: true, row_flags: true })
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn token_embedding_is_split_under_binding_limit() {
     let shape = BatchShape { batch: 1, seq_len: 64 };
     for head in [Head::LanguageModel, Head::Classifier { num_labels: 2 }] {
         let graph = build_graph(&config, head, shape, Trainable::All, LAVAPIPE_BINDING);
-        let p = Plan::new(graph, PlanOptions { train: true, clip: false });
+        let p = Plan::new(graph, PlanOptions { train: true, clip: false, row_flags: true });
         let chunks: Vec<_> = p.graph.params.iter().filter(|s| s.name == "wte.weight").collect();
         assert!(chunks.len() >= 2, "wte of 147 MiB must be split under a 128 MiB binding limit");
         let rows: usize = chunks.iter().map(|c| c.rows).sum();
@@ -143,7 +143,7 @@ fn chunked_lm_loss_never_holds_whole_logits() {
     // exceed the limit on their own.
     let shape = BatchShape { batch: 2, seq_len: 1024 };
     let graph = build_graph(&config, Head::LanguageModelLoss, shape, Trainable::All, LAVAPIPE_BINDING);
-    let p = Plan::new(graph, PlanOptions { train: true, clip: true });
+    let p = Plan::new(graph, PlanOptions { train: true, clip: true, row_flags: true });
     let rows = (2 * 1024) as u64;
     let whole_logits = rows * config.vocab_size as u64 * 4;
     let mut logits_bytes = 0;
@@ -243,4 +243,85 @@ fn loss_log_matches_per_step_reads() {
     assert_eq!(got, expected, "logged losses differ from per-step reads");
     assert!(expected.windows(2).any(|w| w[0] != w[1]), "every step had the same loss: {expected:?}");
     assert!(logged.drain_losses().unwrap().is_empty());
+}
+
+/// The optimizer's row flags change nothing but time. A classifier whose token embedding trains
+/// gets, bit for bit, the weights and moments of the dense update: over steps that bring new
+/// tokens, with two micro-batches per update, and after a resume into a fresh session whose
+/// moments come from the host, where the rows with nonzero moments must get flagged.
+#[test]
+fn row_flags_match_dense_update() {
+    use crate::graph::executor::{OptimizerSettings, StepInputs};
+    use crate::graph::Session;
+    use crate::model::weights::{init_random, HeadKind};
+
+    let Some(gpu) = crate::testing::test_gpu() else { return };
+    // n_embd 32: rows a multiple of 16 floats, so the norm skips rows too.
+    let config = Gpt2Config { n_layer: 1, n_head: 2, n_embd: 32, n_positions: 16, vocab_size: 64, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
+    let weights = init_random(&config, HeadKind::Classifier { num_labels: 2 }, 5).unwrap();
+    let shape = BatchShape { batch: 2, seq_len: 8 };
+    let limit = gpu.limits().max_storage_buffer_binding_size;
+    let head = Head::Classifier { num_labels: 2 };
+    let session = |weights: &crate::model::weights::Weights, row_flags: bool| {
+        let graph = build_graph(&config, head, shape, Trainable::All, limit);
+        Session::with_row_flags(gpu, graph, weights, true, OptimizerSettings::default(), row_flags).expect("session builds")
+    };
+    let (mut dense, mut flagged) = (session(&weights, false), session(&weights, true));
+    assert!(dense.summary().optimizer_bytes < flagged.summary().optimizer_bytes, "the flagged session should hold row flags");
+    // Step s uses tokens 8 s .. 8 s + 11 (a window that moves over the vocabulary) and leaves the
+    // other rows untouched.
+    let batch = |s: u32, half: u32| -> (Vec<u32>, Vec<i32>) {
+        let ids = (0..16).map(|i| 8 * s + (i * 3 + half * 5) % 12).collect();
+        (ids, vec![(s % 2) as i32, half as i32])
+    };
+    let step = |session: &mut Session<'_>, s: u32| {
+        for half in 0..2 {
+            let (ids, targets) = batch(s, half);
+            session.set_inputs(&StepInputs { ids: &ids, lengths: &[8, 5], targets: &targets });
+            session.submit(true, (half == 1).then_some(1e-2), 0.5).unwrap();
+        }
+    };
+    let names: Vec<String> = weights.tensors.keys().cloned().collect();
+    let compare = |a: &Session<'_>, b: &Session<'_>, when: &str| {
+        for name in &names {
+            let numel = weights.get(name).unwrap().data.len();
+            for suffix in ["", ".adam_m", ".adam_v"] {
+                let read = |s: &Session<'_>| -> Vec<u32> {
+                    let values = if suffix.is_empty() {
+                        let mut w = weights.clone();
+                        s.download_weights(&mut w).unwrap();
+                        w.get(name).unwrap().data.clone()
+                    } else {
+                        s.read_param_state(name, suffix, numel).unwrap().expect("every weight trains")
+                    };
+                    values.iter().map(|x| x.to_bits()).collect()
+                };
+                assert!(read(a) == read(b), "{when}: `{name}{suffix}` differs between the dense and the flagged update");
+            }
+        }
+    };
+    for s in 0..3 {
+        step(&mut dense, s);
+        step(&mut flagged, s);
+    }
+    compare(&dense, &flagged, "after 3 steps");
+
+    // Resume the dense run's state into a fresh flagged session, then train both on tokens the
+    // first steps never used: the rows of the old tokens must still get the full update.
+    let mut resumed_weights = weights.clone();
+    dense.download_weights(&mut resumed_weights).unwrap();
+    let mut resumed = session(&resumed_weights, true);
+    for name in &names {
+        let numel = weights.get(name).unwrap().data.len();
+        for suffix in [".adam_m", ".adam_v"] {
+            let values = dense.read_param_state(name, suffix, numel).unwrap().unwrap();
+            assert!(resumed.write_param_state(name, suffix, &values));
+        }
+    }
+    resumed.set_optimizer_steps(3);
+    for s in 4..6 {
+        step(&mut dense, s);
+        step(&mut resumed, s);
+    }
+    compare(&dense, &resumed, "after a resume and 2 more steps");
 }

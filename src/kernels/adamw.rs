@@ -25,8 +25,23 @@ static UPDATE: KernelEntry = KernelEntry {
     ],
 };
 
+static UPDATE_ROWS: KernelEntry = KernelEntry {
+    family: &FAMILY,
+    entry: "adamw_update_rows",
+    bindings: &[
+        BindingKind::Uniform,
+        BindingKind::ReadOnly,
+        BindingKind::ReadOnly,
+        BindingKind::ReadWrite,
+        BindingKind::ReadWrite,
+        BindingKind::ReadWrite,
+        BindingKind::ReadWrite,
+        BindingKind::ReadOnly,
+    ],
+};
+
 /// Entry points and their WGSL workgroup sizes, for the translation test.
-pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&UPDATE, WORKGROUP_SIZE)];
+pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&UPDATE, WORKGROUP_SIZE), (&UPDATE_ROWS, WORKGROUP_SIZE)];
 
 /// Per-tensor uniform parameters, laid out as `AdamWParams` in the shader.
 #[repr(C)]
@@ -36,8 +51,9 @@ pub(crate) struct AdamWParams {
     pub len: u32,
     /// Decoupled weight decay coefficient of this tensor.
     pub weight_decay: f32,
+    /// Floats per row, for [`update_rows`]; 0 otherwise.
+    pub row_len: u32,
     pub _pad0: u32,
-    pub _pad1: u32,
 }
 
 /// Per-step values shared by every tensor, laid out as `AdamWStep` in the shader. The host writes
@@ -67,7 +83,15 @@ fn check_binding(label: &str, name: &str, binding: &TensorBinding<'_>, elements:
     assert!(binding.size >= needed, "`{label}`: binding `{name}` is {} bytes, but its shape needs {needed}", binding.size);
 }
 
-/// Applies one AdamW step to `param` and zeroes `grad`.
+/// The tensors that one AdamW dispatch updates.
+pub(crate) struct AdamWState<'a> {
+    pub param: TensorBinding<'a>,
+    pub grad: TensorBinding<'a>,
+    pub m: TensorBinding<'a>,
+    pub v: TensorBinding<'a>,
+}
+
+/// Applies one AdamW step to `state.param` and zeroes `state.grad`.
 ///
 /// When `step.max_norm > 0` the gradient is first scaled by
 /// `min(1, max_norm / (norm[0] * grad_scale + 1e-6))` (as `torch.nn.utils.clip_grad_norm_` does on
@@ -80,7 +104,6 @@ fn check_binding(label: &str, name: &str, binding: &TensorBinding<'_>, elements:
 /// - `step`: one [`AdamWStep`] (32 bytes)
 /// - `norm`: (1), the global gradient norm (read only when clipping)
 /// - `param`, `grad`, `m`, `v`: (N) with N = `len`
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn update(
     gpu: &Gpu,
     label: &str,
@@ -88,20 +111,65 @@ pub(crate) fn update(
     weight_decay: f32,
     step: TensorBinding<'_>,
     norm: TensorBinding<'_>,
-    param: TensorBinding<'_>,
-    grad: TensorBinding<'_>,
-    m: TensorBinding<'_>,
-    v: TensorBinding<'_>,
+    state: AdamWState<'_>,
+) -> Result<Dispatch, GpuError> {
+    dispatch(gpu, label, len, weight_decay, step, norm, state, None)
+}
+
+/// Applies the step of [`update`] to a table of rows of `row_len` floats, of which only the rows
+/// whose flag in `touched` (one u32 per row) is nonzero get the full update. The others get only
+/// the weight decay, which is their exact update when their gradient and both moments are 0. So
+/// the caller sets a row's flag before the first step in which the row receives a gradient, and
+/// never clears it while the moments may be nonzero.
+///
+/// # Shapes
+/// - `param`, `grad`, `m`, `v`: (N) with N = `len`, a multiple of `row_len`
+/// - `touched`: (N / row_len)
+/// - `row_len`: a multiple of 4
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn update_rows(
+    gpu: &Gpu,
+    label: &str,
+    len: usize,
+    row_len: usize,
+    weight_decay: f32,
+    step: TensorBinding<'_>,
+    norm: TensorBinding<'_>,
+    state: AdamWState<'_>,
+    touched: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    assert!(
+        row_len > 0 && row_len % 4 == 0 && len % row_len == 0,
+        "`{label}`: {len} floats in rows of {row_len}: rows must be a multiple of 4 floats and divide the tensor"
+    );
+    check_binding(label, "touched", &touched, len / row_len);
+    dispatch(gpu, label, len, weight_decay, step, norm, state, Some((row_len, touched)))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    gpu: &Gpu,
+    label: &str,
+    len: usize,
+    weight_decay: f32,
+    step: TensorBinding<'_>,
+    norm: TensorBinding<'_>,
+    state: AdamWState<'_>,
+    rows: Option<(usize, TensorBinding<'_>)>,
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "step", &step, std::mem::size_of::<AdamWStep>() / 4);
     check_binding(label, "norm", &norm, 1);
-    let param = super::matmul::sized_binding(label, "param", param, len, true);
-    let grad = super::matmul::sized_binding(label, "grad", grad, len, true);
-    let m = super::matmul::sized_binding(label, "m", m, len, true);
-    let v = super::matmul::sized_binding(label, "v", v, len, true);
-    let p = AdamWParams { len: len as u32, weight_decay, _pad0: 0, _pad1: 0 };
+    let param = super::matmul::sized_binding(label, "param", state.param, len, true);
+    let grad = super::matmul::sized_binding(label, "grad", state.grad, len, true);
+    let m = super::matmul::sized_binding(label, "m", state.m, len, true);
+    let v = super::matmul::sized_binding(label, "v", state.v, len, true);
     let groups = super::grid_1d(gpu, (len as u64).div_ceil(ELEMENTS_PER_INVOCATION), WORKGROUP_SIZE);
-    gpu.dispatch(&UPDATE, label, Some(bytemuck::bytes_of(&p)), &[step, norm, param, grad, m, v], groups)
+    let (entry, row_len, bindings) = match rows {
+        None => (&UPDATE, 0, vec![step, norm, param, grad, m, v]),
+        Some((row_len, touched)) => (&UPDATE_ROWS, row_len as u32, vec![step, norm, param, grad, m, v, touched]),
+    };
+    let p = AdamWParams { len: len as u32, weight_decay, row_len, _pad0: 0 };
+    gpu.dispatch(entry, label, Some(bytemuck::bytes_of(&p)), &bindings, groups)
 }
 
 #[cfg(test)]
@@ -126,6 +194,10 @@ mod tests {
     fn params_size_is_multiple_of_16() {
         assert_eq!(std::mem::size_of::<AdamWParams>() % 16, 0);
         assert_eq!(std::mem::size_of::<AdamWStep>() % 16, 0);
+    }
+
+    fn state<'a>(param: &'a wgpu::Buffer, grad: &'a wgpu::Buffer, m: &'a wgpu::Buffer, v: &'a wgpu::Buffer) -> AdamWState<'a> {
+        AdamWState { param: param.into(), grad: grad.into(), m: m.into(), v: v.into() }
     }
 
     fn step_values(step: u32, max_norm: f32, micro_batches: f32) -> AdamWStep {
@@ -170,10 +242,7 @@ mod tests {
                 HYPER.weight_decay as f32,
                 (&step_buffer).into(),
                 (&norm).into(),
-                (&param).into(),
-                (&grad).into(),
-                (&m).into(),
-                (&v).into(),
+                state(&param, &grad, &m, &v),
             )
             .unwrap();
             gpu.run("adamw test", &[d]).unwrap();
@@ -216,7 +285,7 @@ mod tests {
         let step_buffer = gpu.upload("step", &[step_values(3, f32::MAX, 1.0)]).unwrap();
         for bad_norm in [f32::NAN, f32::INFINITY] {
             let norm = gpu.upload("norm", &[bad_norm]).unwrap();
-            let d = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), (&param).into(), (&grad).into(), (&m).into(), (&v).into())
+            let d = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), state(&param, &grad, &m, &v))
                 .unwrap();
             gpu.run("adamw test", &[d]).unwrap();
             let got: Vec<f32> = gpu.read(&param, 0, len).unwrap();
@@ -235,5 +304,72 @@ mod tests {
         check_steps(2053, 1.0, 1.0, 1.0);
         // A gradient whose norm is below max_norm is left alone.
         check_steps(33, 100.0, 0.01, 1.0);
+    }
+
+    /// The row variant on a table where some rows never had a gradient (zero moments and
+    /// gradient, flag 0), some have one now (flag 1) and some had one before but not in this step
+    /// (flag 1, zero gradient, nonzero moments). Every value after each step, a skipped step
+    /// included, equals bit for bit what the full update gives on the same table.
+    #[test]
+    fn adamw_rows_match_full_update() {
+        let Some(gpu) = test_gpu() else { return };
+        let (rows, row_len) = (23, 12);
+        let len = rows * row_len;
+        let initial = random_vec(len, 7);
+        // Rows 0, 5, 10, ... receive a gradient at every step, rows 1, 6, 11, ... at step 1 only,
+        // rows 3, 8, 13, ... from step 2 on; the others never.
+        let hit = |row: usize, step: u32| row % 5 == 0 || (row % 5 == 1 && step == 1) || (row % 5 == 3 && step >= 2);
+        let full: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
+        let sparse: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
+        gpu.write(&full[0], 0, &initial);
+        gpu.write(&sparse[0], 0, &initial);
+
+        let touched = gpu.storage_buffer("touched", (rows * 4) as u64).unwrap();
+        let step_buffer = gpu.storage_buffer("step", std::mem::size_of::<AdamWStep>() as u64).unwrap();
+        let norm = gpu.storage_buffer("norm", 4).unwrap();
+        let mut flags = vec![0u32; rows];
+        for step in 1..=4u32 {
+            let mut g = random_vec(len, 200 + u64::from(step));
+            for (row, chunk) in g.chunks_mut(row_len).enumerate() {
+                if !hit(row, step) {
+                    chunk.fill(0.0);
+                } else {
+                    flags[row] = 1;
+                }
+            }
+            // Step 3 has a non-finite norm and is skipped.
+            let total = if step == 3 { f32::NAN } else { global_norm(&[&to_f64(&g)]) as f32 };
+            for buffers in [&full, &sparse] {
+                gpu.write(&buffers[1], 0, &g);
+            }
+            gpu.write(&touched, 0, &flags);
+            gpu.write(&norm, 0, &[total]);
+            gpu.write(&step_buffer, 0, &[step_values(step, 1.0, 1.0)]);
+
+            let plain = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), state(&full[0], &full[1], &full[2], &full[3])).unwrap();
+            let by_rows = update_rows(
+                gpu,
+                "adamw rows",
+                len,
+                row_len,
+                0.1,
+                (&step_buffer).into(),
+                (&norm).into(),
+                state(&sparse[0], &sparse[1], &sparse[2], &sparse[3]),
+                (&touched).into(),
+            )
+            .unwrap();
+            gpu.run("adamw rows test", &[plain, by_rows]).unwrap();
+
+            for (k, name) in ["param", "grad", "m", "v"].iter().enumerate() {
+                let want: Vec<u32> = gpu.read(&full[k], 0, len).unwrap();
+                let got: Vec<u32> = gpu.read(&sparse[k], 0, len).unwrap();
+                assert_eq!(got, want, "step {step}: {name} differs from the full update");
+            }
+        }
+
+        let param: Vec<f32> = gpu.read(&sparse[0], 0, len).unwrap();
+        let moved = param.iter().zip(&initial).filter(|(a, b)| a != b).count();
+        assert_eq!(moved, len, "the weight decay should move every parameter");
     }
 }

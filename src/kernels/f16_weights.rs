@@ -211,7 +211,37 @@ pub(crate) fn forward(
     bias: Option<TensorBinding<'_>>,
     out: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
+    forward_with(gpu, label, Kernels::Any, shape, inp, weight, bias, out)
+}
+
+/// The shaders a launcher may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    /// The subgroup products of `shaders/matmul_subgroup.wgsl` with f16 loads, where the f32
+    /// product of the same form would use them, else `shaders/matmul_f16.wgsl`.
+    Any,
+    /// Always `shaders/matmul_f16.wgsl`.
+    Blocked,
+}
+
+/// [`forward`] with the choice of shader.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_with(
+    gpu: &Gpu,
+    label: &str,
+    kernels: Kernels,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    weight: F16Weight<'_>,
+    bias: Option<TensorBinding<'_>>,
+    out: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, &weight);
+    if kernels == Kernels::Any {
+        if let Some(dispatch) = super::matmul::f16_subgroup(gpu, label, shape, false, inp, weight.packed, bias, out, false)? {
+            return Ok(dispatch);
+        }
+    }
     let MatmulShape { rows, inner, cols, .. } = shape;
     // Activation rows start at multiples of K floats.
     let params = params(&shape, false, bias.is_some(), inner.is_multiple_of(4));
@@ -243,7 +273,27 @@ pub(crate) fn backward_input(
     dinp: TensorBinding<'_>,
     accumulate: bool,
 ) -> Result<Dispatch, GpuError> {
+    backward_input_with(gpu, label, Kernels::Any, shape, dout, weight, dinp, accumulate)
+}
+
+/// [`backward_input`] with the choice of shader.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_input_with(
+    gpu: &Gpu,
+    label: &str,
+    kernels: Kernels,
+    shape: MatmulShape,
+    dout: TensorBinding<'_>,
+    weight: F16Weight<'_>,
+    dinp: TensorBinding<'_>,
+    accumulate: bool,
+) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, &weight);
+    if kernels == Kernels::Any {
+        if let Some(dispatch) = super::matmul::f16_subgroup(gpu, label, shape, true, dout, weight.packed, None, dinp, accumulate)? {
+            return Ok(dispatch);
+        }
+    }
     let MatmulShape { rows, inner, .. } = shape;
     // The kernel reads dout in runs of 8 floats from out_offset + a multiple of 8.
     let vec4_loads = shape.out_stride.is_multiple_of(4) && shape.out_offset.is_multiple_of(4);
@@ -340,9 +390,9 @@ mod tests {
 
     /// Runs the forward into an output that contains random values and compares its column range
     /// with the f64 product of the f16 weight, and every other column with its old value.
-    fn check_forward(gpu: &Gpu, shape: MatmulShape, values: &[f32], with_bias: bool, seed: u64) {
+    fn check_forward(gpu: &Gpu, kernels: Kernels, shape: MatmulShape, values: &[f32], with_bias: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;
-        let description = describe("forward", &shape, &format!("bias={with_bias}"));
+        let description = describe("forward", &shape, &format!("bias={with_bias} {kernels:?}"));
         let packed = pack(values, inner, cols).unwrap();
         let inp = random_vec(rows * inner, seed);
         let bias = random_vec(cols, seed + 1);
@@ -350,9 +400,8 @@ mod tests {
         let (packed_buffer, inp_buffer) = (upload(gpu, "weight", &packed), upload(gpu, "inp", &inp));
         let (bias_buffer, out_buffer) = (upload(gpu, "bias", &bias), upload(gpu, "out", &initial));
         let bias_binding = with_bias.then(|| (&bias_buffer).into());
-        let dispatch =
-            forward(gpu, &description, shape, (&inp_buffer).into(), weight(&packed_buffer, inner, cols), bias_binding, (&out_buffer).into())
-                .unwrap();
+        let packed_weight = weight(&packed_buffer, inner, cols);
+        let dispatch = forward_with(gpu, &description, kernels, shape, (&inp_buffer).into(), packed_weight, bias_binding, (&out_buffer).into()).unwrap();
         gpu.run("matmul_f16 test", &[dispatch]).expect("the test dispatch runs");
         let got = read(gpu, &out_buffer, rows * out_stride);
 
@@ -370,16 +419,17 @@ mod tests {
 
     /// Runs the input gradient into a dinp that contains random values and compares it with the
     /// f64 product of the f16 weight, plus the old values when accumulating.
-    fn check_backward_input(gpu: &Gpu, shape: MatmulShape, values: &[f32], accumulate: bool, seed: u64) {
+    fn check_backward_input(gpu: &Gpu, kernels: Kernels, shape: MatmulShape, values: &[f32], accumulate: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;
-        let description = describe("backward_input", &shape, &format!("accumulate={accumulate}"));
+        let description = describe("backward_input", &shape, &format!("accumulate={accumulate} {kernels:?}"));
         let packed = pack(values, inner, cols).unwrap();
         let dout = random_vec(rows * out_stride, seed);
         let initial = random_vec(rows * inner, seed + 1);
         let (packed_buffer, dout_buffer, dinp_buffer) = (upload(gpu, "weight", &packed), upload(gpu, "dout", &dout), upload(gpu, "dinp", &initial));
-        let dispatch = backward_input(
+        let dispatch = backward_input_with(
             gpu,
             &description,
+            kernels,
             shape,
             (&dout_buffer).into(),
             weight(&packed_buffer, inner, cols),
@@ -406,8 +456,8 @@ mod tests {
         for (i, &(rows, inner, cols)) in SHAPES.iter().enumerate() {
             let values = random_vec(inner * cols, 1000 + i as u64);
             for (j, shape) in column_ranges(rows, inner, cols).into_iter().enumerate() {
-                for with_bias in [true, false] {
-                    check_forward(gpu, shape, &values, with_bias, 1100 + 10 * i as u64 + j as u64);
+                for (with_bias, kernels) in [(true, Kernels::Any), (false, Kernels::Any), (true, Kernels::Blocked), (false, Kernels::Blocked)] {
+                    check_forward(gpu, kernels, shape, &values, with_bias, 1100 + 10 * i as u64 + j as u64);
                 }
             }
         }
@@ -419,8 +469,8 @@ mod tests {
         for (i, &(rows, inner, cols)) in SHAPES.iter().enumerate() {
             let values = random_vec(inner * cols, 2000 + i as u64);
             for (j, shape) in column_ranges(rows, inner, cols).into_iter().enumerate() {
-                for accumulate in [false, true] {
-                    check_backward_input(gpu, shape, &values, accumulate, 2100 + 10 * i as u64 + j as u64);
+                for (accumulate, kernels) in [(false, Kernels::Any), (true, Kernels::Any), (false, Kernels::Blocked), (true, Kernels::Blocked)] {
+                    check_backward_input(gpu, kernels, shape, &values, accumulate, 2100 + 10 * i as u64 + j as u64);
                 }
             }
         }
@@ -447,5 +497,23 @@ mod tests {
         }
         assert_eq!(runs[0].0.iter().zip(&runs[1].0).position(|(a, b)| a != b), None, "forward differs between two runs at that index");
         assert_eq!(runs[0].1.iter().zip(&runs[1].1).position(|(a, b)| a != b), None, "backward_input differs between two runs at that index");
+    }
+
+    /// The f16 tests above exercise the subgroup products only if the launchers pick them: on an
+    /// adapter whose subgroups fit, aligned products (including a column range of a wider output)
+    /// must use them, and unaligned ones must not.
+    #[test]
+    fn f16_subgroup_chosen_where_it_applies() {
+        let Some(gpu) = test_gpu().filter(|gpu| gpu.half_floats()) else { return };
+        let expected = super::super::matmul::chosen_variants(gpu).unwrap().iter().any(|&(form, variant)| form == "nn" && variant == "subgroup");
+        let packed = upload(gpu, "weight", &pack(&random_vec(128 * 192, 4000), 128, 192).unwrap());
+        let act = upload(gpu, "activations", &random_vec(40 * 384, 4001));
+        let result = gpu.storage_buffer("result", (40 * 384 * 4) as u64).unwrap();
+        let aligned = MatmulShape { out_offset: 192, out_stride: 384, ..MatmulShape::new(40, 128, 192, WeightLayout::InOut) };
+        let chosen = super::super::matmul::f16_subgroup(gpu, "aligned", aligned, false, (&act).into(), (&packed).into(), None, (&result).into(), false).unwrap();
+        assert_eq!(chosen.is_some(), expected, "aligned forward on {}", gpu.describe());
+        let odd = MatmulShape::new(40, 7, 8, WeightLayout::InOut);
+        let chosen = super::super::matmul::f16_subgroup(gpu, "odd K", odd, false, (&act).into(), (&packed).into(), None, (&result).into(), false).unwrap();
+        assert!(chosen.is_none(), "K=7 cannot use vec4 loads");
     }
 }

@@ -28,6 +28,13 @@ pub(crate) static FAMILY: ShaderFamily =
 pub(crate) static SUBGROUP_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_subgroup", source: include_str!("../../shaders/matmul_subgroup.wgsl") };
 
+/// The subgroup products with an f16 weight as rhs, derived from `shaders/matmul_subgroup.wgsl`
+/// by build.rs.
+pub(crate) static F16_SUBGROUP_FAMILY: ShaderFamily = ShaderFamily {
+    name: "matmul_f16_subgroup",
+    source: include_str!(concat!(env!("OUT_DIR"), "/matmul_f16_subgroup.wgsl")),
+};
+
 pub(crate) static TILED_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_tiled", source: include_str!("../../shaders/matmul_tiled.wgsl") };
 
@@ -89,6 +96,10 @@ static SUBGROUP_TN: KernelEntry = KernelEntry {
     entry: "matmul_tn",
     bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
 };
+static F16_SUBGROUP_NN: KernelEntry =
+    KernelEntry { family: &F16_SUBGROUP_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
+static F16_SUBGROUP_NT: KernelEntry =
+    KernelEntry { family: &F16_SUBGROUP_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
 // The tiled forms share one body, which reads the bias binding, so matmul_tn binds it too.
 static TILED_NN: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
 static TILED_NT: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
@@ -114,6 +125,11 @@ pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
     (&SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE),
     (&SUBGROUP_TN, SUBGROUP_WORKGROUP_SIZE),
 ];
+
+/// Entry points of the subgroup variant with f16 weights and their WGSL workgroup sizes. They
+/// compile only on devices with the SUBGROUP feature and wgpu's SHADER_F16_IN_F32 capability.
+pub(crate) const F16_SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] =
+    &[(&F16_SUBGROUP_NN, SUBGROUP_WORKGROUP_SIZE), (&F16_SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE)];
 
 /// Entry points of the tiled variant and their WGSL workgroup sizes (16 x 16).
 pub(crate) const TILED_ENTRIES: &[(&KernelEntry, u32)] = &[
@@ -401,6 +417,49 @@ struct Product {
 }
 
 impl Product {
+    /// The forward product of a linear layer: `out = inp @ W (+ bias)`.
+    fn forward(shape: &MatmulShape, has_bias: bool) -> Product {
+        let MatmulShape { rows, inner, cols, layout, .. } = *shape;
+        let (form, weight_operand) = match layout {
+            WeightLayout::InOut => (Form::Nn, Operand::dense(cols)),
+            WeightLayout::OutIn => (Form::Nt, Operand::dense(inner)),
+        };
+        Product {
+            form,
+            rows,
+            cols,
+            inner,
+            lhs: Operand::dense(inner),
+            rhs: weight_operand,
+            out: Operand { stride: shape.out_stride, offset: shape.out_offset },
+            accumulate: false,
+            has_bias,
+        }
+    }
+
+    /// The input gradient of a linear layer: `dinp (+)= dout @ W^T`.
+    fn input_grad(shape: &MatmulShape, accumulate: bool) -> Product {
+        let MatmulShape { rows, inner, cols, layout, .. } = *shape;
+        // The reduction runs over N and the result has K columns. W^T[n, k] is W[k, n], which is
+        // in row k of a weight stored (K, N) (nt form) and in row n of a weight stored (N, K) (nn
+        // form).
+        let (form, weight_operand) = match layout {
+            WeightLayout::InOut => (Form::Nt, Operand::dense(cols)),
+            WeightLayout::OutIn => (Form::Nn, Operand::dense(inner)),
+        };
+        Product {
+            form,
+            rows,
+            cols: inner,
+            inner: cols,
+            lhs: Operand { stride: shape.out_stride, offset: shape.out_offset },
+            rhs: weight_operand,
+            out: Operand::dense(inner),
+            accumulate,
+            has_bias: false,
+        }
+    }
+
     /// True when every vec4 that the reduction loads lies inside one operand row, aligned:
     /// strides and offsets are multiples of 4, and so is the length read along each row.
     fn vec4_loads(&self) -> bool {
@@ -579,22 +638,8 @@ fn forward_with(
     out: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
     shape.check(label);
-    let MatmulShape { rows, inner, cols, layout, .. } = shape;
-    let (form, weight_operand) = match layout {
-        WeightLayout::InOut => (Form::Nn, Operand::dense(cols)),
-        WeightLayout::OutIn => (Form::Nt, Operand::dense(inner)),
-    };
-    let product = Product {
-        form,
-        rows,
-        cols,
-        inner,
-        lhs: Operand::dense(inner),
-        rhs: weight_operand,
-        out: Operand { stride: shape.out_stride, offset: shape.out_offset },
-        accumulate: false,
-        has_bias: bias.is_some(),
-    };
+    let MatmulShape { rows, inner, cols, .. } = shape;
+    let product = Product::forward(&shape, bias.is_some());
     let inp = sized_binding(label, "inp", inp, rows * inner, true);
     let weight = sized_binding(label, "weight", weight, inner * cols, true);
     let bias = bias.map(|b| sized_binding(label, "bias", b, cols, false));
@@ -638,28 +683,56 @@ fn backward_input_with(
     accumulate: bool,
 ) -> Result<Dispatch, GpuError> {
     shape.check(label);
-    let MatmulShape { rows, inner, cols, layout, .. } = shape;
-    // The reduction runs over N and the result has K columns. W^T[n, k] is W[k, n], which is in
-    // row k of a weight stored (K, N) (nt form) and in row n of a weight stored (N, K) (nn form).
-    let (form, weight_operand) = match layout {
-        WeightLayout::InOut => (Form::Nt, Operand::dense(cols)),
-        WeightLayout::OutIn => (Form::Nn, Operand::dense(inner)),
-    };
-    let product = Product {
-        form,
-        rows,
-        cols: inner,
-        inner: cols,
-        lhs: Operand { stride: shape.out_stride, offset: shape.out_offset },
-        rhs: weight_operand,
-        out: Operand::dense(inner),
-        accumulate,
-        has_bias: false,
-    };
+    let MatmulShape { rows, inner, cols, .. } = shape;
+    let product = Product::input_grad(&shape, accumulate);
     let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
     let weight = sized_binding(label, "weight", weight, inner * cols, true);
     let dinp = sized_binding(label, "dinp", dinp, rows * inner, false);
     product.dispatch(gpu, label, preference, dinp, dout, weight, None)
+}
+
+/// The product of [`forward`] or [`backward_input`] with a frozen weight (K, N) stored in f16 as
+/// `super::f16_weights::pack` writes it, on the subgroup variant. Returns `None` where that
+/// variant would not run the f32 product of the same form and shape, and the caller then uses
+/// `shaders/matmul_f16.wgsl`. That is the case when the device's subgroups do not fit, when the
+/// operands are not aligned for vec4 loads, and when the autotuned (or forced) choice for the
+/// form is another variant.
+///
+/// # Shapes
+/// As [`forward`] (`input_grad` false: `act` is inp, `result` is out) or [`backward_input`]
+/// (`input_grad` true: `act` is dout, `result` is dinp), with `packed` (K * N / 2) u32.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn f16_subgroup(
+    gpu: &Gpu,
+    label: &str,
+    shape: MatmulShape,
+    input_grad: bool,
+    act: TensorBinding<'_>,
+    packed: TensorBinding<'_>,
+    bias: Option<TensorBinding<'_>>,
+    result: TensorBinding<'_>,
+    accumulate: bool,
+) -> Result<Option<Dispatch>, GpuError> {
+    shape.check(label);
+    assert!(shape.layout == WeightLayout::InOut, "matmul_f16 `{label}`: f16 weights are stored (K, N)");
+    let MatmulShape { rows, inner, cols, .. } = shape;
+
+    let product = if input_grad { Product::input_grad(&shape, accumulate) } else { Product::forward(&shape, bias.is_some()) };
+    let fits = product.vec4_loads() && subgroups_fit(gpu) && gpu.half_floats();
+    if !fits || automatic_variant(gpu, product.form)? != Variant::Subgroup {
+        return Ok(None);
+    }
+
+    let (act_floats, result_floats) = if input_grad { (shape.out_floats(), rows * inner) } else { (rows * inner, shape.out_floats()) };
+    let act = sized_binding(label, "activations", act, act_floats, true);
+    // Two f16 values per u32; the u32 count is rounded up to whole vec4s like a float count.
+    let packed = sized_binding(label, "packed weight", packed, inner * cols / 2, true);
+    let result = sized_binding(label, "result", result, result_floats, false);
+    let bias = bias.map_or_else(|| gpu.placeholder(), |b| sized_binding(label, "bias", b, cols, false));
+    let kernel = if input_grad { &F16_SUBGROUP_NT } else { &F16_SUBGROUP_NN };
+    let groups = product.workgroups(gpu, Variant::Subgroup);
+    let params = product.params();
+    gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, act, packed, bias], groups).map(Some)
 }
 
 /// Creates the dispatch of the weight gradient

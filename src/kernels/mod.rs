@@ -33,6 +33,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &residual::FAMILY,
     &matmul::FAMILY,
     &matmul::SUBGROUP_FAMILY,
+    &matmul::F16_SUBGROUP_FAMILY,
     &matmul::TILED_FAMILY,
     &nf4::FAMILY,
     &f16_weights::FAMILY,
@@ -54,6 +55,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     residual::ENTRIES,
     matmul::ENTRIES,
     matmul::SUBGROUP_ENTRIES,
+    matmul::F16_SUBGROUP_ENTRIES,
     matmul::TILED_ENTRIES,
     nf4::ENTRIES,
     f16_weights::ENTRIES,
@@ -85,11 +87,13 @@ pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::Gp
     for (kernel, _) in ENTRY_SIZES.iter().flat_map(|list| list.iter()) {
         // The subgroup variants are only ever chosen on adapters with SUBGROUP, and their module
         // cannot be created without it.
-        if kernel.family.name == matmul::SUBGROUP_FAMILY.name && !has_subgroups {
+        let subgroup_family = [matmul::SUBGROUP_FAMILY.name, matmul::F16_SUBGROUP_FAMILY.name].contains(&kernel.family.name);
+        if subgroup_family && !has_subgroups {
             continue;
         }
         // Likewise, the f16 weight kernels are only chosen where the adapter converts f16 bits.
-        if kernel.family.name == f16_weights::FAMILY.name && !gpu.half_floats() {
+        let f16_family = [f16_weights::FAMILY.name, matmul::F16_SUBGROUP_FAMILY.name].contains(&kernel.family.name);
+        if f16_family && !gpu.half_floats() {
             continue;
         }
         gpu.pipeline(kernel)?;

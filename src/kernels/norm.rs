@@ -27,8 +27,15 @@ static FINALIZE: KernelEntry = KernelEntry {
     bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
 };
 
+static PARTIAL_SUMS_ROWS: KernelEntry = KernelEntry {
+    family: &FAMILY,
+    entry: "norm_partial_sums_rows",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite, BindingKind::ReadOnly],
+};
+
 /// Entry points and their WGSL workgroup sizes, for the translation test.
-pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&PARTIAL_SUMS, WORKGROUP_SIZE), (&FINALIZE, WORKGROUP_SIZE)];
+pub(crate) const ENTRIES: &[(&KernelEntry, u32)] =
+    &[(&PARTIAL_SUMS, WORKGROUP_SIZE), (&FINALIZE, WORKGROUP_SIZE), (&PARTIAL_SUMS_ROWS, WORKGROUP_SIZE)];
 
 /// Uniform parameters, laid out as `NormParams` in the shader.
 #[repr(C)]
@@ -40,7 +47,8 @@ pub(crate) struct NormParams {
     pub partial_offset: u32,
     /// Number of partial sums to add (finalize only).
     pub count: u32,
-    pub _pad0: u32,
+    /// Floats per row ([`partial_sums_rows`] only).
+    pub row_len: u32,
 }
 
 /// Panics unless `binding` contains at least `elements` 4-byte values. Shapes come from the
@@ -72,10 +80,45 @@ pub(crate) fn partial_sums(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "grad", &grad, len);
     check_binding(label, "partials", &partials, partial_offset + partials_len(len));
-    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, _pad0: 0 };
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: 0 };
     let blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
     let groups = crate::gpu::grid_for(blocks, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&PARTIAL_SUMS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials], groups)
+}
+
+/// Returns whether [`partial_sums_rows`] takes tables with rows of `row_len` floats.
+pub(crate) fn rows_supported(row_len: usize) -> bool {
+    row_len > 0 && row_len % ELEMENTS_PER_INVOCATION == 0
+}
+
+/// The partial sums of [`partial_sums`] for a table of rows of `row_len` floats whose gradient is
+/// zero outside the rows flagged in `touched` (one u32 per row): unflagged rows are not read.
+/// Within a block the additions run in another order than in [`partial_sums`], so the results
+/// can differ from it in the last bits.
+///
+/// # Shapes
+/// - `grad`: (len), a whole number of rows
+/// - `touched`: (len / row_len)
+/// - `row_len`: see [`rows_supported`]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn partial_sums_rows(
+    gpu: &Gpu,
+    label: &str,
+    len: usize,
+    row_len: usize,
+    grad: TensorBinding<'_>,
+    touched: TensorBinding<'_>,
+    partials: TensorBinding<'_>,
+    partial_offset: usize,
+) -> Result<Dispatch, GpuError> {
+    assert!(rows_supported(row_len) && len % row_len == 0, "`{label}`: {len} floats in rows of {row_len}");
+    check_binding(label, "grad", &grad, len);
+    check_binding(label, "touched", &touched, len / row_len);
+    check_binding(label, "partials", &partials, partial_offset + partials_len(len));
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: row_len as u32 };
+    let blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
+    let groups = crate::gpu::grid_for(blocks, gpu.limits().max_compute_workgroups_per_dimension);
+    gpu.dispatch(&PARTIAL_SUMS_ROWS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials, touched], groups)
 }
 
 /// Writes `norm[0] = sqrt(sum of partials[0..count])` (assigned), added in a fixed order by one
@@ -93,7 +136,7 @@ pub(crate) fn finalize(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "partials", &partials, count);
     check_binding(label, "norm", &norm, 1);
-    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, _pad0: 0 };
+    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, row_len: 0 };
     gpu.dispatch(&FINALIZE, label, Some(bytemuck::bytes_of(&p)), &[partials, norm], [1, 1, 1])
 }
 
@@ -164,5 +207,39 @@ mod tests {
         let first = device_norm(gpu, &tensors);
         let second = device_norm(gpu, &tensors);
         assert_eq!(first.to_bits(), second.to_bits(), "global norm differs between runs: {first} vs {second}");
+    }
+
+    /// A table of 301 rows of 48 floats (four blocks, the last one partial) with every third row
+    /// flagged and the others NaN: the row kernel reads only the flagged rows, whose norm it
+    /// matches, and a second table without row flags joins the same total.
+    #[test]
+    fn row_norm_reads_flagged_rows_only() {
+        let Some(gpu) = test_gpu() else { return };
+        let (rows, row_len) = (301, 48);
+        assert!(rows_supported(row_len) && !rows_supported(40));
+        let mut table = random_vec(rows * row_len, 11);
+        let flags: Vec<u32> = (0..rows).map(|r| u32::from(r % 3 == 0)).collect();
+        for (row, values) in table.chunks_mut(row_len).enumerate() {
+            if flags[row] == 0 {
+                values.fill(f32::NAN);
+            }
+        }
+        let other = random_vec(1000, 12);
+        let count = partials_len(table.len()) + partials_len(other.len());
+        let partials = gpu.upload("partials", &vec![f32::NAN; count]).unwrap();
+        let norm = gpu.storage_buffer("norm", 4).unwrap();
+        let grad = gpu.upload("grad", &table).unwrap();
+        let touched = gpu.upload("touched", &flags).unwrap();
+        let plain = gpu.upload("other", &other).unwrap();
+        let dispatches = vec![
+            partial_sums_rows(gpu, "rows", table.len(), row_len, (&grad).into(), (&touched).into(), (&partials).into(), 0).unwrap(),
+            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), partials_len(table.len())).unwrap(),
+            finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
+        ];
+        gpu.run("row norm test", &dispatches).unwrap();
+        let got = gpu.read::<f32>(&norm, 0, 1).unwrap()[0];
+        let flagged: Vec<f64> = table.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)).collect();
+        let want = reference::global_norm(&[&flagged, &to_f64(&other)]);
+        assert_close("norm of the flagged rows and a plain tensor", &[got], &[want], ATOL, RTOL);
     }
 }

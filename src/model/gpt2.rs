@@ -534,7 +534,7 @@ pub fn plan_summary(
 ) -> crate::graph::PlanSummary {
     let graph = build_graph_with(config, head, shape, trainable, lora, precision, max_binding);
     let train = trainable != Trainable::Nothing || lora.is_some();
-    crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip }).summary()
+    crate::graph::plan::Plan::new(graph, crate::graph::plan::PlanOptions { train, clip, row_flags: true }).summary()
 }
 
 /// Lists the kernels of one training step that touch the first layer `lora` targets, in execution
@@ -544,7 +544,7 @@ pub fn lora_layer_kernels(config: &Gpt2Config, head: Head, shape: BatchShape, lo
     use crate::graph::plan::{Kernel, Plan, PlanOptions};
     let Some(first) = lora.modules(config).ok().and_then(|m| m.into_iter().next()) else { return Vec::new() };
     let graph = build_graph_with_lora(config, head, shape, Trainable::Head, Some(lora), max_binding);
-    let plan = Plan::new(graph, PlanOptions { train: true, clip: false });
+    let plan = Plan::new(graph, PlanOptions { train: true, clip: false, row_flags: true });
     let prefix = format!("{}.", first.prefix);
     let name = |t: &usize| plan.graph.tensors[*t].name.clone();
     let mut lines = Vec::new();

@@ -6,7 +6,7 @@ use crate::data::{self, BatchIter, EncodedExample, EncodedExamples, ReadOptions}
 use crate::gpu::Gpu;
 use crate::graph::executor::{OptimizerSettings, StepInputs};
 use crate::graph::Session;
-use crate::model::gpt2::{build_graph, BatchShape, Head, Trainable};
+use crate::model::gpt2::{build_graph_with, check_f16, check_f16_adapter, BatchShape, Head, Precision, Trainable};
 use crate::model::load::{open_classifier, LoadedModel};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,6 +27,7 @@ pub struct Prediction {
 pub struct Classifier {
     model: LoadedModel,
     labels: Vec<String>,
+    precision: Precision,
 }
 
 impl Classifier {
@@ -59,7 +60,7 @@ impl Classifier {
                 dir.display()
             )));
         }
-        Ok(Classifier { model, labels })
+        Ok(Classifier { model, labels, precision: Precision::F32 })
     }
 
     /// Opens `dir`, or with `adapter` the base model `dir` with that LoRA adapter merged in;
@@ -77,7 +78,25 @@ impl Classifier {
                 dir.display()
             )));
         };
-        Ok(Classifier { model: merged.model, labels })
+        Ok(Classifier { model: merged.model, labels, precision: Precision::F32 })
+    }
+
+    /// Stores the linear weights of the blocks in `precision` on the device (all arithmetic stays
+    /// f32); the default is f32.
+    ///
+    /// # Errors
+    /// With f16, when the model's widths are not multiples of 8 (see [`check_f16`]).
+    pub fn with_precision(mut self, precision: Precision) -> Result<Classifier, TrainError> {
+        if precision == Precision::F16 {
+            check_f16(&self.model.config).map_err(TrainError::Invalid)?;
+        }
+        self.precision = precision;
+        Ok(self)
+    }
+
+    /// Storage of the linear weights of the blocks on the device.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Label names in class order.
@@ -86,12 +105,17 @@ impl Classifier {
     }
 
     fn session<'g>(&self, gpu: &'g Gpu, batch: usize, seq_len: usize) -> Result<Session<'g>, TrainError> {
+        if self.precision == Precision::F16 {
+            check_f16_adapter(gpu).map_err(TrainError::Invalid)?;
+        }
         let head = Head::Classifier { num_labels: self.labels.len() };
-        let graph = build_graph(
+        let graph = build_graph_with(
             &self.model.config,
             head,
             BatchShape { batch, seq_len },
             Trainable::Nothing,
+            None,
+            self.precision,
             gpu.limits().max_storage_buffer_binding_size,
         );
         Ok(Session::new(gpu, graph, &self.model.weights, false, OptimizerSettings::default())?)
