@@ -135,30 +135,27 @@ fn nf4_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
         let weight = matrix.upload(gpu, "bench nf4 weight")?;
         // Activations read and written as f32, the weight as its packed codes and scales.
         let bytes = 4 * (rows * inner + rows * cols) as u64 + matrix.device_bytes();
-        let fwd = nf4::forward(gpu, "bench nf4", shape, (&inp).into(), weight.weight(), Some((&bias).into()), (&out).into())?;
-        let bin = nf4::backward_input(gpu, "bench nf4 dinp", shape, (&dout).into(), weight.weight(), (&dinp).into(), false)?;
-        cases.push(Case {
-            kernel: format!("matmul_nf4::matmul_nf4_forward{note}"),
-            shape: text.clone(),
-            flops,
-            bytes,
-            dispatches: vec![fwd],
-            _buffers: vec![],
-        });
-        cases.push(Case {
-            kernel: format!("matmul_nf4::matmul_nf4_backward_input{note}"),
-            shape: text.clone(),
-            flops,
-            bytes,
-            dispatches: vec![bin],
-            _buffers: vec![weight.packed, weight.scales],
-        });
+        let case = |kernel: String, dispatch: Dispatch| Case { kernel, shape: text.clone(), flops, bytes, dispatches: vec![dispatch], _buffers: vec![] };
+        for (kernels, module, forward_entry, input_entry) in [
+            (matmul::Kernels::Blocked, "matmul_nf4", "matmul_nf4_forward", "matmul_nf4_backward_input"),
+            (matmul::Kernels::Any, "matmul_nf4_subgroup", "matmul_nn", "matmul_nt"),
+        ] {
+            let fwd = nf4::forward_with(gpu, "bench nf4", kernels, shape, (&inp).into(), weight.weight(), Some((&bias).into()), (&out).into())?;
+            let bin = nf4::backward_input_with(gpu, "bench nf4 dinp", kernels, shape, (&dout).into(), weight.weight(), (&dinp).into(), false)?;
+            // `Any` times the subgroup products only where the launchers choose them.
+            if kernels == matmul::Kernels::Any && !matmul::subgroup_products_chosen(gpu)? {
+                continue;
+            }
+            cases.push(case(format!("{module}::{forward_entry}{note}"), fwd));
+            cases.push(case(format!("{module}::{input_entry}{note}"), bin));
+        }
+        cases.last_mut().expect("a case was just pushed")._buffers.extend([weight.packed, weight.scales]);
         // The step buffer of the double-quantised scales, when there is one, stays alive too.
         if let Some(steps) = weight.scale_steps {
             cases.last_mut().expect("a case was just pushed")._buffers.push(steps);
         }
     }
-    cases.last_mut().expect("nf4_cases pushes four cases")._buffers.extend([inp, bias, dout, out, dinp]);
+    cases.last_mut().expect("nf4_cases pushes four cases at least")._buffers.extend([inp, bias, dout, out, dinp]);
     Ok(cases)
 }
 
@@ -189,14 +186,15 @@ fn f16_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
     let bytes = 4 * (rows * inner + rows * cols) as u64 + 2 * (inner * cols) as u64;
     let text = format!("({rows}, {inner}) x ({inner}, {cols}) {name}");
     let bound = f16_weights::F16Weight { rows: inner, cols, packed: (&weight).into() };
-    let blocked = f16_weights::Kernels::Blocked;
+    let blocked = matmul::Kernels::Blocked;
     let fwd = f16_weights::forward_with(gpu, "bench f16", blocked, shape, (&inp).into(), bound, Some((&bias).into()), (&out).into())?;
     let bin = f16_weights::backward_input_with(gpu, "bench f16 dinp", blocked, shape, (&dout).into(), bound, (&dinp).into(), false)?;
     let case = |kernel: &str, dispatch: Dispatch| Case { kernel: kernel.into(), shape: text.clone(), flops, bytes, dispatches: vec![dispatch], _buffers: vec![] };
     let mut cases = vec![case("matmul_f16::matmul_f16_forward", fwd), case("matmul_f16::matmul_f16_backward_input", bin)];
     // The subgroup products with f16 loads, where the launchers would choose them.
-    let subgroup_fwd = matmul::f16_subgroup(gpu, "bench f16 subgroup", shape, false, (&inp).into(), (&weight).into(), Some((&bias).into()), (&out).into(), false)?;
-    let subgroup_bin = matmul::f16_subgroup(gpu, "bench f16 subgroup dinp", shape, true, (&dout).into(), (&weight).into(), None, (&dinp).into(), false)?;
+    let encoded = matmul::EncodedWeight::F16 { packed: (&weight).into() };
+    let subgroup_fwd = matmul::encoded_subgroup(gpu, "bench f16 subgroup", shape, false, (&inp).into(), encoded, Some((&bias).into()), (&out).into(), false)?;
+    let subgroup_bin = matmul::encoded_subgroup(gpu, "bench f16 subgroup dinp", shape, true, (&dout).into(), encoded, None, (&dinp).into(), false)?;
     if let (Some(fwd), Some(bin)) = (subgroup_fwd, subgroup_bin) {
         cases.push(case("matmul_f16_subgroup::matmul_nn", fwd));
         cases.push(case("matmul_f16_subgroup::matmul_nt", bin));

@@ -8,7 +8,7 @@
 //! low 16 bits of `packed[e / 2]` when e is even and the high 16 bits when it is odd. N must be a
 //! multiple of 8, so that each weight row is a whole number of 16-byte words.
 
-use super::matmul::{sized_binding, MatmulShape, WeightLayout};
+use super::matmul::{sized_binding, Kernels, MatmulShape, WeightLayout};
 use super::nf4::out_floats;
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
@@ -128,6 +128,10 @@ pub(crate) struct F16Weight<'a> {
     pub packed: TensorBinding<'a>,
 }
 
+fn encoded<'a>(weight: &F16Weight<'a>) -> super::matmul::EncodedWeight<'a> {
+    super::matmul::EncodedWeight::F16 { packed: weight.packed }
+}
+
 /// Uniform parameters, with the field names and order of `F16Params` in the shader.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
@@ -214,16 +218,6 @@ pub(crate) fn forward(
     forward_with(gpu, label, Kernels::Any, shape, inp, weight, bias, out)
 }
 
-/// The shaders a launcher may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Kernels {
-    /// The subgroup products of `shaders/matmul_subgroup.wgsl` with f16 loads, where the f32
-    /// product of the same form would use them, else `shaders/matmul_f16.wgsl`.
-    Any,
-    /// Always `shaders/matmul_f16.wgsl`.
-    Blocked,
-}
-
 /// [`forward`] with the choice of shader.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_with(
@@ -238,7 +232,7 @@ pub(crate) fn forward_with(
 ) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, &weight);
     if kernels == Kernels::Any {
-        if let Some(dispatch) = super::matmul::f16_subgroup(gpu, label, shape, false, inp, weight.packed, bias, out, false)? {
+        if let Some(dispatch) = super::matmul::encoded_subgroup(gpu, label, shape, false, inp, encoded(&weight), bias, out, false)? {
             return Ok(dispatch);
         }
     }
@@ -290,7 +284,7 @@ pub(crate) fn backward_input_with(
 ) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, &weight);
     if kernels == Kernels::Any {
-        if let Some(dispatch) = super::matmul::f16_subgroup(gpu, label, shape, true, dout, weight.packed, None, dinp, accumulate)? {
+        if let Some(dispatch) = super::matmul::encoded_subgroup(gpu, label, shape, true, dout, encoded(&weight), None, dinp, accumulate)? {
             return Ok(dispatch);
         }
     }
@@ -504,16 +498,17 @@ mod tests {
     /// must use them, and unaligned ones must not.
     #[test]
     fn f16_subgroup_chosen_where_it_applies() {
+        use crate::kernels::matmul::encoded_subgroup;
         let Some(gpu) = test_gpu().filter(|gpu| gpu.half_floats()) else { return };
-        let expected = super::super::matmul::chosen_variants(gpu).unwrap().iter().any(|&(form, variant)| form == "nn" && variant == "subgroup");
+        let expected = crate::kernels::matmul::subgroup_products_chosen(gpu).unwrap();
         let packed = upload(gpu, "weight", &pack(&random_vec(128 * 192, 4000), 128, 192).unwrap());
         let act = upload(gpu, "activations", &random_vec(40 * 384, 4001));
         let result = gpu.storage_buffer("result", (40 * 384 * 4) as u64).unwrap();
         let aligned = MatmulShape { out_offset: 192, out_stride: 384, ..MatmulShape::new(40, 128, 192, WeightLayout::InOut) };
-        let chosen = super::super::matmul::f16_subgroup(gpu, "aligned", aligned, false, (&act).into(), (&packed).into(), None, (&result).into(), false).unwrap();
+        let chosen = encoded_subgroup(gpu, "aligned", aligned, false, (&act).into(), encoded(&weight(&packed, 128, 192)), None, (&result).into(), false).unwrap();
         assert_eq!(chosen.is_some(), expected, "aligned forward on {}", gpu.describe());
         let odd = MatmulShape::new(40, 7, 8, WeightLayout::InOut);
-        let chosen = super::super::matmul::f16_subgroup(gpu, "odd K", odd, false, (&act).into(), (&packed).into(), None, (&result).into(), false).unwrap();
+        let chosen = encoded_subgroup(gpu, "odd K", odd, false, (&act).into(), encoded(&weight(&packed, 7, 8)), None, (&result).into(), false).unwrap();
         assert!(chosen.is_none(), "K=7 cannot use vec4 loads");
     }
 }

@@ -35,6 +35,13 @@ pub(crate) static F16_SUBGROUP_FAMILY: ShaderFamily = ShaderFamily {
     source: include_str!(concat!(env!("OUT_DIR"), "/matmul_f16_subgroup.wgsl")),
 };
 
+/// The subgroup products with an NF4 weight as rhs, derived from `shaders/matmul_subgroup.wgsl`
+/// by build.rs.
+pub(crate) static NF4_SUBGROUP_FAMILY: ShaderFamily = ShaderFamily {
+    name: "matmul_nf4_subgroup",
+    source: include_str!(concat!(env!("OUT_DIR"), "/matmul_nf4_subgroup.wgsl")),
+};
+
 pub(crate) static TILED_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_tiled", source: include_str!("../../shaders/matmul_tiled.wgsl") };
 
@@ -100,6 +107,20 @@ static F16_SUBGROUP_NN: KernelEntry =
     KernelEntry { family: &F16_SUBGROUP_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
 static F16_SUBGROUP_NT: KernelEntry =
     KernelEntry { family: &F16_SUBGROUP_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
+/// Bindings of the NF4 subgroup products: result, lhs, codes, bias, scales, scale steps.
+const NF4_PRODUCT_BINDINGS: &[BindingKind] = &[
+    BindingKind::Uniform,
+    BindingKind::ReadWrite,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+];
+static NF4_SUBGROUP_NN: KernelEntry =
+    KernelEntry { family: &NF4_SUBGROUP_FAMILY, entry: "matmul_nn", bindings: NF4_PRODUCT_BINDINGS };
+static NF4_SUBGROUP_NT: KernelEntry =
+    KernelEntry { family: &NF4_SUBGROUP_FAMILY, entry: "matmul_nt", bindings: NF4_PRODUCT_BINDINGS };
 // The tiled forms share one body, which reads the bias binding, so matmul_tn binds it too.
 static TILED_NN: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
 static TILED_NT: KernelEntry = KernelEntry { family: &TILED_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
@@ -130,6 +151,11 @@ pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
 /// compile only on devices with the SUBGROUP feature and wgpu's SHADER_F16_IN_F32 capability.
 pub(crate) const F16_SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] =
     &[(&F16_SUBGROUP_NN, SUBGROUP_WORKGROUP_SIZE), (&F16_SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE)];
+
+/// Entry points of the subgroup variant with NF4 weights and their WGSL workgroup sizes. They
+/// compile only on devices with the SUBGROUP feature.
+pub(crate) const NF4_SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] =
+    &[(&NF4_SUBGROUP_NN, SUBGROUP_WORKGROUP_SIZE), (&NF4_SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE)];
 
 /// Entry points of the tiled variant and their WGSL workgroup sizes (16 x 16).
 pub(crate) const TILED_ENTRIES: &[(&KernelEntry, u32)] = &[
@@ -417,7 +443,7 @@ struct Product {
 }
 
 impl Product {
-    /// The forward product of a linear layer: `out = inp @ W (+ bias)`.
+    /// Creates the forward product of a linear layer: `out = inp @ W (+ bias)`.
     fn forward(shape: &MatmulShape, has_bias: bool) -> Product {
         let MatmulShape { rows, inner, cols, layout, .. } = *shape;
         let (form, weight_operand) = match layout {
@@ -437,7 +463,7 @@ impl Product {
         }
     }
 
-    /// The input gradient of a linear layer: `dinp (+)= dout @ W^T`.
+    /// Creates the input-gradient product of a linear layer: `dinp (+)= dout @ W^T`.
     fn input_grad(shape: &MatmulShape, accumulate: bool) -> Product {
         let MatmulShape { rows, inner, cols, layout, .. } = *shape;
         // The reduction runs over N and the result has K columns. W^T[n, k] is W[k, n], which is
@@ -691,48 +717,111 @@ fn backward_input_with(
     product.dispatch(gpu, label, preference, dinp, dout, weight, None)
 }
 
-/// The product of [`forward`] or [`backward_input`] with a frozen weight (K, N) stored in f16 as
-/// `super::f16_weights::pack` writes it, on the subgroup variant. Returns `None` where that
-/// variant would not run the f32 product of the same form and shape, and the caller then uses
-/// `shaders/matmul_f16.wgsl`. That is the case when the device's subgroups do not fit, when the
-/// operands are not aligned for vec4 loads, and when the autotuned (or forced) choice for the
-/// form is another variant.
+/// The shaders that a launcher of a product with a compressed frozen weight may use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernels {
+    /// The subgroup products derived from `shaders/matmul_subgroup.wgsl`, where the f32 product
+    /// of the same form would use the subgroup variant (see [`encoded_subgroup`]), else the
+    /// register-blocked kernel of the encoding.
+    Any,
+    /// Always the register-blocked kernel of the encoding.
+    Blocked,
+}
+
+/// Returns whether aligned products with a compressed weight run on the subgroup variant here:
+/// where subgroups fit and the forward form uses that variant.
+pub(crate) fn subgroup_products_chosen(gpu: &Gpu) -> Result<bool, GpuError> {
+    Ok(subgroups_fit(gpu) && automatic_variant(gpu, Form::Nn)? == Variant::Subgroup)
+}
+
+/// A frozen weight (K, N) in a compressed storage that a subgroup module derived by build.rs
+/// decodes as it loads it.
+#[derive(Clone, Copy)]
+pub(crate) enum EncodedWeight<'a> {
+    /// f16 pairs, as `super::f16_weights::pack` writes them: (K * N / 2) u32.
+    F16 { packed: TensorBinding<'a> },
+    /// NF4 codes and block scales, as `super::nf4::quantize` writes them.
+    Nf4 {
+        /// (K * N / 8) u32 of codes.
+        packed: TensorBinding<'a>,
+        /// f32 block scales, or 8-bit codes of them with `double_quant`.
+        scales: TensorBinding<'a>,
+        /// f32 steps of the scale codes with `double_quant`, else any binding (not read).
+        steps: TensorBinding<'a>,
+        double_quant: bool,
+        /// Mean of the block scales with `double_quant`.
+        scale_mean: f32,
+    },
+}
+
+/// Uniform parameters of the NF4 subgroup module: those of the f32 module, then the fields that
+/// build.rs adds.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Nf4MatmulParams {
+    base: MatmulParams,
+    double_quant: u32,
+    scale_mean: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+
+/// Creates the dispatch of the product of [`forward`] or [`backward_input`] with a frozen weight
+/// (K, N) stored as `weight` describes, on the subgroup variant. Returns `None` where that variant would not run
+/// the f32 product of the same form and shape, and the caller then uses its register-blocked
+/// kernel (`shaders/matmul_f16.wgsl` or `shaders/matmul_nf4.wgsl`). That is the case when the
+/// device's subgroups do not fit, when the operands are not aligned for vec4 loads, and when the
+/// autotuned (or forced) choice for the form is another variant. The caller has checked the
+/// weight's bindings against its shape.
 ///
 /// # Shapes
 /// As [`forward`] (`input_grad` false: `act` is inp, `result` is out) or [`backward_input`]
-/// (`input_grad` true: `act` is dout, `result` is dinp), with `packed` (K * N / 2) u32.
+/// (`input_grad` true: `act` is dout, `result` is dinp).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn f16_subgroup(
+pub(crate) fn encoded_subgroup(
     gpu: &Gpu,
     label: &str,
     shape: MatmulShape,
     input_grad: bool,
     act: TensorBinding<'_>,
-    packed: TensorBinding<'_>,
+    weight: EncodedWeight<'_>,
     bias: Option<TensorBinding<'_>>,
     result: TensorBinding<'_>,
     accumulate: bool,
 ) -> Result<Option<Dispatch>, GpuError> {
     shape.check(label);
-    assert!(shape.layout == WeightLayout::InOut, "matmul_f16 `{label}`: f16 weights are stored (K, N)");
-    let MatmulShape { rows, inner, cols, .. } = shape;
+    assert!(shape.layout == WeightLayout::InOut, "`{label}`: compressed weights are stored (K, N)");
+    let MatmulShape { rows, inner, .. } = shape;
 
     let product = if input_grad { Product::input_grad(&shape, accumulate) } else { Product::forward(&shape, bias.is_some()) };
-    let fits = product.vec4_loads() && subgroups_fit(gpu) && gpu.half_floats();
+    let decodes = match weight {
+        EncodedWeight::F16 { .. } => gpu.half_floats(),
+        EncodedWeight::Nf4 { .. } => true,
+    };
+    let fits = product.vec4_loads() && subgroups_fit(gpu) && decodes;
     if !fits || automatic_variant(gpu, product.form)? != Variant::Subgroup {
         return Ok(None);
     }
 
     let (act_floats, result_floats) = if input_grad { (shape.out_floats(), rows * inner) } else { (rows * inner, shape.out_floats()) };
     let act = sized_binding(label, "activations", act, act_floats, true);
-    // Two f16 values per u32; the u32 count is rounded up to whole vec4s like a float count.
-    let packed = sized_binding(label, "packed weight", packed, inner * cols / 2, true);
     let result = sized_binding(label, "result", result, result_floats, false);
-    let bias = bias.map_or_else(|| gpu.placeholder(), |b| sized_binding(label, "bias", b, cols, false));
-    let kernel = if input_grad { &F16_SUBGROUP_NT } else { &F16_SUBGROUP_NN };
+    let bias = bias.map_or_else(|| gpu.placeholder(), |b| sized_binding(label, "bias", b, shape.cols, false));
     let groups = product.workgroups(gpu, Variant::Subgroup);
     let params = product.params();
-    gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, act, packed, bias], groups).map(Some)
+    match weight {
+        EncodedWeight::F16 { packed } => {
+            // Two f16 values per u32; the u32 count is rounded up to whole vec4s like a float count.
+            let packed = sized_binding(label, "packed weight", packed, shape.inner * shape.cols / 2, true);
+            let kernel = if input_grad { &F16_SUBGROUP_NT } else { &F16_SUBGROUP_NN };
+            gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, act, packed, bias], groups).map(Some)
+        }
+        EncodedWeight::Nf4 { packed, scales, steps, double_quant, scale_mean } => {
+            let params = Nf4MatmulParams { base: params, double_quant: u32::from(double_quant), scale_mean, _pad0: 0, _pad1: 0 };
+            let kernel = if input_grad { &NF4_SUBGROUP_NT } else { &NF4_SUBGROUP_NN };
+            gpu.dispatch(kernel, label, Some(bytemuck::bytes_of(&params)), &[result, act, packed, bias, scales, steps], groups).map(Some)
+        }
+    }
 }
 
 /// Creates the dispatch of the weight gradient

@@ -26,7 +26,7 @@
 //! quantisation 8 / 64 + 32 / (64 * 256) = 0.127 bits of scale (about 4.127 bits), plus one f32
 //! mean per matrix.
 
-use super::matmul::{sized_binding, MatmulShape, WeightLayout};
+use super::matmul::{sized_binding, EncodedWeight, Kernels, MatmulShape, WeightLayout};
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
 pub(crate) static FAMILY: ShaderFamily =
@@ -481,6 +481,17 @@ fn weight_bindings<'a>(gpu: &'a Gpu, label: &str, weight: &Nf4Weight<'a>) -> [Te
     }
 }
 
+/// Wraps the weight and its checked bindings as the subgroup products take them.
+fn encoded<'a>(weight: &Nf4Weight<'a>, [packed, scales, steps]: [TensorBinding<'a>; 3]) -> EncodedWeight<'a> {
+    EncodedWeight::Nf4 {
+        packed,
+        scales,
+        steps,
+        double_quant: weight.double_quant.is_some(),
+        scale_mean: weight.double_quant.map_or(0.0, |double| double.mean),
+    }
+}
+
 fn params(shape: &MatmulShape, weight: &Nf4Weight<'_>, accumulate: bool, has_bias: bool, vec4_loads: bool) -> Nf4Params {
     Nf4Params {
         rows: shape.rows as u32,
@@ -519,7 +530,29 @@ pub(crate) fn forward(
     bias: Option<TensorBinding<'_>>,
     out: TensorBinding<'_>,
 ) -> Result<Dispatch, GpuError> {
+    forward_with(gpu, label, Kernels::Any, shape, inp, weight, bias, out)
+}
+
+/// [`forward`] with the choice of shader.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_with(
+    gpu: &Gpu,
+    label: &str,
+    kernels: Kernels,
+    shape: MatmulShape,
+    inp: TensorBinding<'_>,
+    weight: Nf4Weight<'_>,
+    bias: Option<TensorBinding<'_>>,
+    out: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, weight.rows, weight.cols);
+    let [packed, scales, steps] = weight_bindings(gpu, label, &weight);
+    if kernels == Kernels::Any {
+        let encoded = encoded(&weight, [packed, scales, steps]);
+        if let Some(dispatch) = super::matmul::encoded_subgroup(gpu, label, shape, false, inp, encoded, bias, out, false)? {
+            return Ok(dispatch);
+        }
+    }
     let MatmulShape { rows, inner, cols, .. } = shape;
     // Activation rows start at multiples of K floats.
     let vec4_loads = inner.is_multiple_of(4);
@@ -527,7 +560,6 @@ pub(crate) fn forward(
     let inp = sized_binding(label, "inp", inp, rows * inner, true);
     let bias = bias.map_or_else(|| gpu.placeholder(), |b| sized_binding(label, "bias", b, cols, false));
     let out = sized_binding(label, "out", out, out_floats(&shape), false);
-    let [packed, scales, steps] = weight_bindings(gpu, label, &weight);
     let invocations = rows.div_ceil(FORWARD_ROWS) * (cols / WORD_CODES);
     let groups = super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE);
     gpu.dispatch(&FORWARD, label, Some(bytemuck::bytes_of(&params)), &[out, inp, packed, scales, steps, bias], groups)
@@ -553,14 +585,35 @@ pub(crate) fn backward_input(
     dinp: TensorBinding<'_>,
     accumulate: bool,
 ) -> Result<Dispatch, GpuError> {
+    backward_input_with(gpu, label, Kernels::Any, shape, dout, weight, dinp, accumulate)
+}
+
+/// [`backward_input`] with the choice of shader.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_input_with(
+    gpu: &Gpu,
+    label: &str,
+    kernels: Kernels,
+    shape: MatmulShape,
+    dout: TensorBinding<'_>,
+    weight: Nf4Weight<'_>,
+    dinp: TensorBinding<'_>,
+    accumulate: bool,
+) -> Result<Dispatch, GpuError> {
     check_shape(label, &shape, weight.rows, weight.cols);
+    let [packed, scales, steps] = weight_bindings(gpu, label, &weight);
+    if kernels == Kernels::Any {
+        let encoded = encoded(&weight, [packed, scales, steps]);
+        if let Some(dispatch) = super::matmul::encoded_subgroup(gpu, label, shape, true, dout, encoded, None, dinp, accumulate)? {
+            return Ok(dispatch);
+        }
+    }
     let MatmulShape { rows, inner, .. } = shape;
     // The kernel reads dout in runs of 8 floats from out_offset + a multiple of 8.
     let vec4_loads = shape.out_stride.is_multiple_of(4) && shape.out_offset.is_multiple_of(4);
     let params = params(&shape, &weight, accumulate, false, vec4_loads);
     let dout = sized_binding(label, "dout", dout, out_floats(&shape), true);
     let dinp = sized_binding(label, "dinp", dinp, rows * inner, false);
-    let [packed, scales, steps] = weight_bindings(gpu, label, &weight);
     let invocations = rows.div_ceil(BACKWARD_ROWS) * inner.div_ceil(BACKWARD_COLS);
     let groups = super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE);
     gpu.dispatch(&BACKWARD_INPUT, label, Some(bytemuck::bytes_of(&params)), &[dinp, dout, packed, scales, steps], groups)
@@ -844,9 +897,10 @@ pub(crate) mod tests {
 
     /// Runs the forward into an output that holds random values and compares its column range
     /// with the f64 product of `dequantize`, and every other column with its old value.
-    fn check_forward(gpu: &Gpu, shape: MatmulShape, matrix: &Nf4Matrix, with_bias: bool, seed: u64) {
+    fn check_forward(gpu: &Gpu, kernels: Kernels, shape: MatmulShape, matrix: &Nf4Matrix, with_bias: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;
-        let description = format!("matmul_nf4 forward {} bias={with_bias}", describe(&shape, matches!(matrix.scales, Nf4Scales::Double(_))));
+        let double = matches!(matrix.scales, Nf4Scales::Double(_));
+        let description = format!("matmul_nf4 forward {} bias={with_bias} {kernels:?}", describe(&shape, double));
         let inp = random_vec(rows * inner, seed);
         let bias = random_vec(cols, seed + 1);
         let initial = random_vec(rows * out_stride, seed + 2);
@@ -854,9 +908,10 @@ pub(crate) mod tests {
         let inp_buffer = upload(gpu, "inp", &inp);
         let bias_buffer = upload(gpu, "bias", &bias);
         let out_buffer = upload(gpu, "out", &initial);
-        let dispatch = forward(
+        let dispatch = forward_with(
             gpu,
             &description,
+            kernels,
             shape,
             (&inp_buffer).into(),
             weight.weight(),
@@ -881,16 +936,17 @@ pub(crate) mod tests {
 
     /// Runs the input gradient into a dinp that holds random values and compares it with the
     /// f64 product of `dequantize`, plus the old values when accumulating.
-    fn check_backward_input(gpu: &Gpu, shape: MatmulShape, matrix: &Nf4Matrix, accumulate: bool, seed: u64) {
+    fn check_backward_input(gpu: &Gpu, kernels: Kernels, shape: MatmulShape, matrix: &Nf4Matrix, accumulate: bool, seed: u64) {
         let MatmulShape { rows, inner, cols, out_offset, out_stride, .. } = shape;
-        let description = format!("matmul_nf4 backward_input {} accumulate={accumulate}", describe(&shape, matches!(matrix.scales, Nf4Scales::Double(_))));
+        let double = matches!(matrix.scales, Nf4Scales::Double(_));
+        let description = format!("matmul_nf4 backward_input {} accumulate={accumulate} {kernels:?}", describe(&shape, double));
         let dout = random_vec(rows * out_stride, seed);
         let initial = random_vec(rows * inner, seed + 1);
         let weight = matrix.upload(gpu, "weight").expect("the weight fits the adapter's limits");
         let dout_buffer = upload(gpu, "dout", &dout);
         let dinp_buffer = upload(gpu, "dinp", &initial);
         let dispatch =
-            backward_input(gpu, &description, shape, (&dout_buffer).into(), weight.weight(), (&dinp_buffer).into(), accumulate)
+            backward_input_with(gpu, &description, kernels, shape, (&dout_buffer).into(), weight.weight(), (&dinp_buffer).into(), accumulate)
                 .unwrap();
         run(gpu, dispatch);
         let got = read(gpu, &dinp_buffer, rows * inner);
@@ -913,8 +969,8 @@ pub(crate) mod tests {
             for double_quant in [false, true] {
                 let matrix = quantize(&values, inner, cols, double_quant).unwrap();
                 for (j, shape) in column_ranges(rows, inner, cols).into_iter().enumerate() {
-                    for with_bias in [true, false] {
-                        check_forward(gpu, shape, &matrix, with_bias, 1100 + 10 * i as u64 + j as u64);
+                    for (with_bias, kernels) in [(true, Kernels::Any), (false, Kernels::Any), (true, Kernels::Blocked), (false, Kernels::Blocked)] {
+                        check_forward(gpu, kernels, shape, &matrix, with_bias, 1100 + 10 * i as u64 + j as u64);
                     }
                 }
             }
@@ -929,8 +985,8 @@ pub(crate) mod tests {
             for double_quant in [false, true] {
                 let matrix = quantize(&values, inner, cols, double_quant).unwrap();
                 for (j, shape) in column_ranges(rows, inner, cols).into_iter().enumerate() {
-                    for accumulate in [false, true] {
-                        check_backward_input(gpu, shape, &matrix, accumulate, 2100 + 10 * i as u64 + j as u64);
+                    for (accumulate, kernels) in [(false, Kernels::Any), (true, Kernels::Any), (false, Kernels::Blocked), (true, Kernels::Blocked)] {
+                        check_backward_input(gpu, kernels, shape, &matrix, accumulate, 2100 + 10 * i as u64 + j as u64);
                     }
                 }
             }
@@ -961,5 +1017,27 @@ pub(crate) mod tests {
         assert_eq!(forward_difference, None, "matmul_nf4 forward differs between two runs at that index");
         let backward_difference = runs[0].1.iter().zip(&runs[1].1).position(|(a, b)| a != b);
         assert_eq!(backward_difference, None, "matmul_nf4 backward_input differs between two runs at that index");
+    }
+
+    /// The NF4 tests above exercise the subgroup products only if the launchers pick them: on an
+    /// adapter where the f32 products use subgroups, aligned NF4 products must use them too, and
+    /// unaligned ones must not.
+    #[test]
+    fn nf4_subgroup_chosen_where_it_applies() {
+        use crate::kernels::matmul::{encoded_subgroup, subgroup_products_chosen};
+        let Some(gpu) = test_gpu() else { return };
+        let expected = subgroup_products_chosen(gpu).unwrap();
+        let matrix = quantize(&random_vec(128 * 192, 4000), 128, 192, true).unwrap();
+        let weight = matrix.upload(gpu, "weight").unwrap();
+        let act = upload(gpu, "activations", &random_vec(40 * 384, 4001));
+        let result = gpu.storage_buffer("result", (40 * 384 * 4) as u64).unwrap();
+        let bound = weight.weight();
+        let encoded = encoded(&bound, weight_bindings(gpu, "weight", &bound));
+        let aligned = MatmulShape { out_offset: 192, out_stride: 384, ..MatmulShape::new(40, 128, 192, WeightLayout::InOut) };
+        let chosen = encoded_subgroup(gpu, "aligned", aligned, true, (&act).into(), encoded, None, (&result).into(), true).unwrap();
+        assert_eq!(chosen.is_some(), expected, "aligned input gradient on {}", gpu.describe());
+        let odd = MatmulShape::new(40, 7, 64, WeightLayout::InOut);
+        let chosen = encoded_subgroup(gpu, "odd K", odd, false, (&act).into(), encoded, None, (&result).into(), false).unwrap();
+        assert!(chosen.is_none(), "K=7 cannot use vec4 loads");
     }
 }
