@@ -55,13 +55,14 @@ const NF4_HEADER: &str = "\
 
 ";
 
-const NF4_PARAMS: &str = "\
-    // 1: block scales are 8-bit codes, decoded with scale_mean and scale_steps.
-    double_quant: u32,
-    // Mean of all block scales of the weight, subtracted before their 8-bit quantisation.
-    scale_mean: f32,
-    _pad0: u32,
-    _pad1: u32,";
+const NF4_PARAMS: &str = concat!(
+    "    // 1: block scales are 8-bit codes, decoded with scale_mean and scale_steps.\n",
+    "    double_quant: u32,\n",
+    "    // Mean of all block scales of the weight, subtracted before their 8-bit quantisation.\n",
+    "    scale_mean: f32,\n",
+    "    _pad0: u32,\n",
+    "    _pad1: u32,",
+);
 
 const NF4_RHS: &str = "\
 @group(0) @binding(3) var<storage, read> packed: array<u32>;       // (K * N / 8) codes of rhs

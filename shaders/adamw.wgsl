@@ -22,11 +22,14 @@
 // tensor whose length is not a multiple of 4, the lanes past `len` keep their stored values.
 //
 // adamw_update_rows is the same update for a table whose gradient reaches only some rows per
-// step, the token embedding of a classifier: `touched` holds one flag per row of `row_len`
+// step, the token embedding of a classifier: `touched` contains one flag per row of `row_len`
 // floats, set by the host before the step in which the row first receives a gradient. A row
 // whose flag is 0 has m = v = 0 and a zero gradient, for which the update above reduces to
 // param = param * (1 - lr * weight_decay), bit for bit; the kernel then loads and stores only
 // param. A flag of 1 on a row that never received a gradient costs time but changes nothing.
+// NOTE: bit-for-bit equality assumes the driver rounds `decayed` alike in both entry points.
+// SPIR-V lets it contract a multiply and an add into an fma differently in each; lavapipe does
+// not, as the tests show.
 
 const WORKGROUP_SIZE: u32 = 256u;
 // Added to the norm before dividing, the value torch.nn.utils.clip_grad_norm_ uses.

@@ -1,17 +1,17 @@
 // Global L2 norm of the gradients, for clipping by global norm.
 //
 // norm_partial_sums: partials[partial_offset + k] = sum of x^2 over block k of one tensor
-//   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block.
+//   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block, each
+//   invocation a run of ELEMENTS_PER_INVOCATION consecutive floats of it.
 // norm_finalize:     norm[0] = sqrt(sum of partials[0..count]) (assigned), in one workgroup.
 // norm_partial_sums_rows: the partial sums of a table of rows of `row_len` floats (a multiple of
 //                    ELEMENTS_PER_INVOCATION) whose gradient can be nonzero only in the rows
-//                    flagged in `touched` (see adamw_update_rows in shaders/adamw.wgsl). Each
-//                    invocation squares ELEMENTS_PER_INVOCATION consecutive floats of one row,
-//                    and only when that row is flagged, so an unflagged row costs one load
-//                    instead of row_len. The blocks and partials are those of norm_partial_sums;
-//                    the order of the additions within a block differs.
+//                    flagged in `touched` (see adamw_update_rows in shaders/adamw.wgsl). An
+//                    invocation whose run lies in an unflagged row loads its flag instead of the
+//                    run. Its sum is then +0, exactly what norm_partial_sums gets from a run of
+//                    zeros, so both entry points give the same bits.
 //
-// Both reductions run in a fixed order (a strided loop per invocation, then a tree over the
+// Both reductions run in a fixed order (a loop over the run per invocation, then a tree over the
 // workgroup), never with atomics, so two runs give bitwise-identical norms.
 
 const WORKGROUP_SIZE: u32 = 256u;
@@ -70,9 +70,10 @@ fn norm_partial_sums(@builtin(workgroup_id) wid: vec3<u32>,
     if (start >= params.len) {
         return;
     }
+    let first = start + lid * ELEMENTS_PER_INVOCATION;
     var sum = 0.0;
     for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
-        let i = start + k * WORKGROUP_SIZE + lid;
+        let i = first + k;
         if (i < params.len) {
             let x = input[i];
             sum = fma(x, x, sum);

@@ -142,12 +142,17 @@ fn nf4_cases(m: &mut Maker<'_>, rows: usize, inner: usize, cols: usize, name: &s
         ] {
             let fwd = nf4::forward_with(gpu, "bench nf4", kernels, shape, (&inp).into(), weight.weight(), Some((&bias).into()), (&out).into())?;
             let bin = nf4::backward_input_with(gpu, "bench nf4 dinp", kernels, shape, (&dout).into(), weight.weight(), (&dinp).into(), false)?;
-            // `Any` times the subgroup products only where the launchers choose them.
-            if kernels == matmul::Kernels::Any && !matmul::subgroup_products_chosen(gpu)? {
-                continue;
+            // `Any` times each subgroup product only where the launchers choose it; these shapes
+            // are aligned for its vec4 loads.
+            let chosen = |input_grad: bool| -> Result<bool, GpuError> {
+                Ok(kernels == matmul::Kernels::Blocked || matmul::subgroup_products_chosen(gpu, input_grad)?)
+            };
+            if chosen(false)? {
+                cases.push(case(format!("{module}::{forward_entry}{note}"), fwd));
             }
-            cases.push(case(format!("{module}::{forward_entry}{note}"), fwd));
-            cases.push(case(format!("{module}::{input_entry}{note}"), bin));
+            if chosen(true)? {
+                cases.push(case(format!("{module}::{input_entry}{note}"), bin));
+            }
         }
         cases.last_mut().expect("a case was just pushed")._buffers.extend([weight.packed, weight.scales]);
         // The step buffer of the double-quantised scales, when there is one, stays alive too.

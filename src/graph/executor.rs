@@ -155,7 +155,7 @@ struct TouchedRows {
     weight: String,
     flags: TensorId,
     row_len: usize,
-    /// Row of the whole weight that `host[0]` stands for.
+    /// Row of the whole weight that `host[0]` corresponds to.
     row_offset: usize,
     host: Vec<u32>,
 }

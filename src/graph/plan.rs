@@ -94,7 +94,7 @@ pub(crate) struct RowFlags {
     pub flags: TensorId,
     /// Floats per row.
     pub row_len: usize,
-    /// Row of the whole table that the first flag stands for (tables split into row chunks).
+    /// Row of the whole table that the first flag corresponds to (tables split into row chunks).
     pub row_offset: usize,
 }
 

@@ -248,28 +248,42 @@ fn loss_log_matches_per_step_reads() {
 /// The optimizer's row flags change nothing but time. A classifier whose token embedding trains
 /// gets, bit for bit, the weights and moments of the dense update: over steps that bring new
 /// tokens, with two micro-batches per update, and after a resume into a fresh session whose
-/// moments come from the host, where the rows with nonzero moments must get flagged.
+/// moments come from the host, where the rows with nonzero moments must get flagged. The second
+/// case splits the token embedding into two row chunks and clips the gradient, so the norm of
+/// the flagged rows enters the update.
 #[test]
 fn row_flags_match_dense_update() {
-    use crate::graph::executor::{OptimizerSettings, StepInputs};
+    use crate::graph::executor::OptimizerSettings;
+
+    let Some(gpu) = crate::testing::test_gpu() else { return };
+    let whole = gpu.limits().max_storage_buffer_binding_size;
+    check_row_flags(gpu, whole, OptimizerSettings::default());
+    // 64 rows of 32 floats in chunks of at most 4096 bytes: rows 0..32 and 32..64.
+    check_row_flags(gpu, 4096, OptimizerSettings { clip_grad_norm: Some(0.05), ..OptimizerSettings::default() });
+}
+
+fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::graph::executor::OptimizerSettings) {
+    use crate::graph::executor::StepInputs;
     use crate::graph::Session;
     use crate::model::weights::{init_random, HeadKind};
 
-    let Some(gpu) = crate::testing::test_gpu() else { return };
     // n_embd 32: rows a multiple of 16 floats, so the norm skips rows too.
     let config = Gpt2Config { n_layer: 1, n_head: 2, n_embd: 32, n_positions: 16, vocab_size: 64, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
     let weights = init_random(&config, HeadKind::Classifier { num_labels: 2 }, 5).unwrap();
     let shape = BatchShape { batch: 2, seq_len: 8 };
-    let limit = gpu.limits().max_storage_buffer_binding_size;
     let head = Head::Classifier { num_labels: 2 };
+    let case = format!("binding limit {max_binding}, clip {:?}", settings.clip_grad_norm);
     let session = |weights: &crate::model::weights::Weights, row_flags: bool| {
-        let graph = build_graph(&config, head, shape, Trainable::All, limit);
-        Session::with_row_flags(gpu, graph, weights, true, OptimizerSettings::default(), row_flags).expect("session builds")
+        let graph = build_graph(&config, head, shape, Trainable::All, max_binding);
+        Session::with_row_flags(gpu, graph, weights, true, settings, row_flags).expect("session builds")
     };
     let (mut dense, mut flagged) = (session(&weights, false), session(&weights, true));
-    assert!(dense.summary().optimizer_bytes < flagged.summary().optimizer_bytes, "the flagged session should hold row flags");
-    // Step s uses tokens 8 s .. 8 s + 11 (a window that moves over the vocabulary) and leaves the
-    // other rows untouched.
+    assert!(dense.summary().optimizer_bytes < flagged.summary().optimizer_bytes, "{case}: the flagged session should have row flags");
+    let chunks = flagged.plan_param_names("wte.weight").len();
+    assert_eq!(chunks, if max_binding < 8192 { 2 } else { 1 }, "{case}: row chunks of wte");
+
+    // Step s uses eight tokens of the window 8 s .. 8 s + 11, which moves over the vocabulary and
+    // leaves the other rows untouched.
     let batch = |s: u32, half: u32| -> (Vec<u32>, Vec<i32>) {
         let ids = (0..16).map(|i| 8 * s + (i * 3 + half * 5) % 12).collect();
         (ids, vec![(s % 2) as i32, half as i32])
@@ -296,7 +310,7 @@ fn row_flags_match_dense_update() {
                     };
                     values.iter().map(|x| x.to_bits()).collect()
                 };
-                assert!(read(a) == read(b), "{when}: `{name}{suffix}` differs between the dense and the flagged update");
+                assert!(read(a) == read(b), "{case}, {when}: `{name}{suffix}` differs between the dense and the flagged update");
             }
         }
     };
@@ -305,6 +319,10 @@ fn row_flags_match_dense_update() {
         step(&mut flagged, s);
     }
     compare(&dense, &flagged, "after 3 steps");
+    if let Some(max_norm) = settings.clip_grad_norm {
+        let norm = flagged.read_tensor("grad_norm").unwrap().expect("a clipping session computes the norm")[0];
+        assert!(norm > max_norm, "{case}: the gradient norm {norm} is below the clipping threshold, so clipping was not tested");
+    }
 
     // Resume the dense run's state into a fresh flagged session, then train both on tokens the
     // first steps never used: the rows of the old tokens must still get the full update.

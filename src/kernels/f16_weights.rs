@@ -500,7 +500,7 @@ mod tests {
     fn f16_subgroup_chosen_where_it_applies() {
         use crate::kernels::matmul::encoded_subgroup;
         let Some(gpu) = test_gpu().filter(|gpu| gpu.half_floats()) else { return };
-        let expected = crate::kernels::matmul::subgroup_products_chosen(gpu).unwrap();
+        let expected = crate::kernels::matmul::subgroup_products_chosen(gpu, false).unwrap();
         let packed = upload(gpu, "weight", &pack(&random_vec(128 * 192, 4000), 128, 192).unwrap());
         let act = upload(gpu, "activations", &random_vec(40 * 384, 4001));
         let result = gpu.storage_buffer("result", (40 * 384 * 4) as u64).unwrap();

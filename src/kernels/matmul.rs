@@ -728,10 +728,12 @@ pub(crate) enum Kernels {
     Blocked,
 }
 
-/// Returns whether aligned products with a compressed weight run on the subgroup variant here:
-/// where subgroups fit and the forward form uses that variant.
-pub(crate) fn subgroup_products_chosen(gpu: &Gpu) -> Result<bool, GpuError> {
-    Ok(subgroups_fit(gpu) && automatic_variant(gpu, Form::Nn)? == Variant::Subgroup)
+/// Returns whether aligned products with a compressed weight (K, N) run on the subgroup variant
+/// here: where subgroups fit and the f32 products of the same form use that variant. The input
+/// gradient (`input_grad`) is an nt product, the forward an nn product.
+pub(crate) fn subgroup_products_chosen(gpu: &Gpu, input_grad: bool) -> Result<bool, GpuError> {
+    let form = if input_grad { Form::Nt } else { Form::Nn };
+    Ok(subgroups_fit(gpu) && automatic_variant(gpu, form)? == Variant::Subgroup)
 }
 
 /// A frozen weight (K, N) in a compressed storage that a subgroup module derived by build.rs

@@ -91,10 +91,9 @@ pub(crate) fn rows_supported(row_len: usize) -> bool {
     row_len > 0 && row_len % ELEMENTS_PER_INVOCATION == 0
 }
 
-/// The partial sums of [`partial_sums`] for a table of rows of `row_len` floats whose gradient is
-/// zero outside the rows flagged in `touched` (one u32 per row): unflagged rows are not read.
-/// Within a block the additions run in another order than in [`partial_sums`], so the results
-/// can differ from it in the last bits.
+/// Writes the partial sums of [`partial_sums`] for a table of rows of `row_len` floats whose
+/// gradient is zero outside the rows flagged in `touched` (one u32 per row), without reading the
+/// unflagged rows. The results equal those of [`partial_sums`] bit for bit.
 ///
 /// # Shapes
 /// - `grad`: (len), a whole number of rows
@@ -111,7 +110,8 @@ pub(crate) fn partial_sums_rows(
     partials: TensorBinding<'_>,
     partial_offset: usize,
 ) -> Result<Dispatch, GpuError> {
-    assert!(rows_supported(row_len) && len % row_len == 0, "`{label}`: {len} floats in rows of {row_len}");
+    assert!(rows_supported(row_len), "`{label}`: rows of {row_len} floats are not a multiple of {ELEMENTS_PER_INVOCATION}");
+    assert!(len.is_multiple_of(row_len), "`{label}`: {len} floats are not a whole number of rows of {row_len}");
     check_binding(label, "grad", &grad, len);
     check_binding(label, "touched", &touched, len / row_len);
     check_binding(label, "partials", &partials, partial_offset + partials_len(len));
@@ -209,14 +209,17 @@ mod tests {
         assert_eq!(first.to_bits(), second.to_bits(), "global norm differs between runs: {first} vs {second}");
     }
 
-    /// A table of 301 rows of 48 floats (four blocks, the last one partial) with every third row
+    /// A table of 2731 rows of 48 floats (33 blocks, the last one partial) with every third row
     /// flagged and the others NaN: the row kernel reads only the flagged rows, whose norm it
-    /// matches, and a second table without row flags joins the same total.
+    /// matches, and a second table without row flags joins the same total. With the NaN rows set
+    /// to 0, the dense kernel gives the same partial sums bit for bit; a different order of the
+    /// additions would change some of the 33.
     #[test]
     fn row_norm_reads_flagged_rows_only() {
         let Some(gpu) = test_gpu() else { return };
-        let (rows, row_len) = (301, 48);
-        assert!(rows_supported(row_len) && !rows_supported(40));
+        let (rows, row_len) = (2731, 48);
+        assert!(rows_supported(row_len), "rows of 48 floats are whole runs of 16");
+        assert!(!rows_supported(40), "rows of 40 floats are not whole runs of 16");
         let mut table = random_vec(rows * row_len, 11);
         let flags: Vec<u32> = (0..rows).map(|r| u32::from(r % 3 == 0)).collect();
         for (row, values) in table.chunks_mut(row_len).enumerate() {
@@ -225,7 +228,8 @@ mod tests {
             }
         }
         let other = random_vec(1000, 12);
-        let count = partials_len(table.len()) + partials_len(other.len());
+        let blocks = partials_len(table.len());
+        let count = blocks + partials_len(other.len());
         let partials = gpu.upload("partials", &vec![f32::NAN; count]).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
         let grad = gpu.upload("grad", &table).unwrap();
@@ -233,7 +237,7 @@ mod tests {
         let plain = gpu.upload("other", &other).unwrap();
         let dispatches = vec![
             partial_sums_rows(gpu, "rows", table.len(), row_len, (&grad).into(), (&touched).into(), (&partials).into(), 0).unwrap(),
-            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), partials_len(table.len())).unwrap(),
+            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), blocks).unwrap(),
             finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
         ];
         gpu.run("row norm test", &dispatches).unwrap();
@@ -241,5 +245,14 @@ mod tests {
         let flagged: Vec<f64> = table.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)).collect();
         let want = reference::global_norm(&[&flagged, &to_f64(&other)]);
         assert_close("norm of the flagged rows and a plain tensor", &[got], &[want], ATOL, RTOL);
+
+        let by_rows: Vec<u32> = gpu.read(&partials, 0, blocks).unwrap();
+        let zeroed: Vec<f32> = table.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect();
+        let zeroed_grad = gpu.upload("zeroed grad", &zeroed).unwrap();
+        let dense = partial_sums(gpu, "dense", zeroed.len(), (&zeroed_grad).into(), (&partials).into(), 0).unwrap();
+        gpu.run("row norm test, dense", &[dense]).unwrap();
+        let by_dense: Vec<u32> = gpu.read(&partials, 0, blocks).unwrap();
+        let first_difference = by_rows.iter().zip(&by_dense).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "the row and dense kernels give different partial sums at that block");
     }
 }
