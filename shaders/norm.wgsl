@@ -50,6 +50,20 @@ fn reduce_workgroup(lid: u32) {
     }
 }
 
+// Sum of x^2 over the run of ELEMENTS_PER_INVOCATION floats from `first`, in index order; floats
+// at or past len count as 0.
+fn squared_run(first: u32) -> f32 {
+    var sum = 0.0;
+    for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
+        let i = first + k;
+        if (i < params.len) {
+            let x = input[i];
+            sum = fma(x, x, sum);
+        }
+    }
+    return sum;
+}
+
 // Adds every invocation's `sum` and stores the total as the partial sum of `block`. Every
 // invocation of the workgroup must call it.
 fn store_block_sum(lid: u32, block: u32, sum: f32) {
@@ -70,16 +84,7 @@ fn norm_partial_sums(@builtin(workgroup_id) wid: vec3<u32>,
     if (start >= params.len) {
         return;
     }
-    let first = start + lid * ELEMENTS_PER_INVOCATION;
-    var sum = 0.0;
-    for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
-        let i = first + k;
-        if (i < params.len) {
-            let x = input[i];
-            sum = fma(x, x, sum);
-        }
-    }
-    store_block_sum(lid, block, sum);
+    store_block_sum(lid, block, squared_run(start + lid * ELEMENTS_PER_INVOCATION));
 }
 
 @compute @workgroup_size(WORKGROUP_SIZE)
@@ -109,10 +114,7 @@ fn norm_partial_sums_rows(@builtin(workgroup_id) wid: vec3<u32>,
     let first = start + lid * ELEMENTS_PER_INVOCATION;
     var sum = 0.0;
     if (first < params.len && touched[first / params.row_len] != 0u) {
-        for (var k = 0u; k < ELEMENTS_PER_INVOCATION; k++) {
-            let x = input[first + k];
-            sum = fma(x, x, sum);
-        }
+        sum = squared_run(first);
     }
     store_block_sum(lid, block, sum);
 }

@@ -288,7 +288,7 @@ pub(crate) struct Plan {
 }
 
 /// Name suffix of the row flags of a table whose optimizer skips untouched rows (see [`RowFlags`]).
-pub(crate) const ROWS_TOUCHED_SUFFIX: &str = ".rows_touched";
+const ROWS_TOUCHED_SUFFIX: &str = ".rows_touched";
 
 /// Floats per row and first row of `grad` in the whole table when only token-embedding backward
 /// kernels write it, so that it is nonzero only in the rows of the batch's tokens.

@@ -246,9 +246,9 @@ fn loss_log_matches_per_step_reads() {
 }
 
 /// The optimizer's row flags change nothing but time. A classifier whose token embedding trains
-/// gets, bit for bit, the weights and moments of the dense update: over steps that bring new
-/// tokens, with two micro-batches per update, and after a resume into a fresh session whose
-/// moments come from the host, where the rows with nonzero moments must get flagged. The second
+/// gets, bit for bit, the weights and moments of the dense update. That holds over steps that
+/// bring new tokens, with two micro-batches per update, and after a resume into a fresh session
+/// whose moments come from the host, where the rows with nonzero moments must get flagged. The second
 /// case splits the token embedding into two row chunks and clips the gradient, so the norm of
 /// the flagged rows enters the update.
 #[test]

@@ -306,10 +306,10 @@ mod tests {
         check_steps(33, 100.0, 0.01, 1.0);
     }
 
-    /// The row variant on a table where some rows never had a gradient (zero moments and
-    /// gradient, flag 0), some have one now (flag 1) and some had one before but not in this step
-    /// (flag 1, zero gradient, nonzero moments). Every value after each step, a skipped step
-    /// included, equals bit for bit what the full update gives on the same table.
+    /// The row variant runs on a table with three kinds of rows. Some never had a gradient (zero
+    /// moments and gradient, flag 0), some have one now (flag 1), and some had one before but not
+    /// in this step (flag 1, zero gradient, nonzero moments). Every value after each step, a
+    /// skipped step included, equals bit for bit what the full update gives on the same table.
     #[test]
     fn adamw_rows_match_full_update() {
         let Some(gpu) = test_gpu() else { return };

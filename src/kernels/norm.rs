@@ -209,9 +209,9 @@ mod tests {
         assert_eq!(first.to_bits(), second.to_bits(), "global norm differs between runs: {first} vs {second}");
     }
 
-    /// A table of 2731 rows of 48 floats (33 blocks, the last one partial) with every third row
-    /// flagged and the others NaN: the row kernel reads only the flagged rows, whose norm it
-    /// matches, and a second table without row flags joins the same total. With the NaN rows set
+    /// A table of 2731 rows of 48 floats (33 blocks, the last one partial) has every third row
+    /// flagged and the others NaN. The row kernel reads only the flagged rows and matches their
+    /// norm, and a second table without row flags joins the same total. With the NaN rows set
     /// to 0, the dense kernel gives the same partial sums bit for bit; a different order of the
     /// additions would change some of the 33.
     #[test]
