@@ -22,14 +22,17 @@
 // tensor whose length is not a multiple of 4, the lanes past `len` keep their stored values.
 //
 // adamw_update_rows is the same update for a table whose gradient reaches only some rows per
-// step, the token embedding of a classifier: `touched` contains one flag per row of `row_len`
-// floats, set by the host before the step in which the row first receives a gradient. A row
-// whose flag is 0 has m = v = 0 and a zero gradient, for which the update above reduces to
-// param = param * (1 - lr * weight_decay), bit for bit; the kernel then loads and stores only
-// param. A flag of 1 on a row that never received a gradient costs time but changes nothing.
-// NOTE: bit-for-bit equality assumes the driver rounds `decayed` alike in both entry points.
-// SPIR-V lets it contract a multiply and an add into an fma differently in each; lavapipe does
-// not, as the tests show.
+// step, the token embedding of a classifier. `rows` lists the table's flagged rows (a count, then
+// row indices, each row of `row_len` floats): the host flags a row before the step in which it
+// first receives a gradient, and the dispatch covers only the listed rows, indirectly sized by
+// the host. An unflagged row has m = v = 0 and a zero gradient, for which the update above reduces
+// to param = param * (1 - lr * weight_decay). The kernel leaves such rows alone, and the host
+// applies the owed factors later with shaders/deferred_decay.wgsl, bit for bit the same product,
+// before anything reads the row. Flagging a row that never receives a gradient costs time but
+// changes nothing.
+// NOTE: bit-for-bit equality assumes the driver rounds `decayed` alike here and in
+// shaders/deferred_decay.wgsl. SPIR-V lets it contract a multiply and an add into an fma
+// differently in each; lavapipe does not, as the tests show.
 
 const WORKGROUP_SIZE: u32 = 256u;
 // Added to the norm before dividing, the value torch.nn.utils.clip_grad_norm_ uses.
@@ -68,7 +71,7 @@ struct AdamWStep {
 @group(0) @binding(4) var<storage, read_write> grad: array<vec4<f32>>;  // (N / 4), zeroed
 @group(0) @binding(5) var<storage, read_write> m: array<vec4<f32>>;     // (N / 4), first moment, updated in place
 @group(0) @binding(6) var<storage, read_write> v: array<vec4<f32>>;     // (N / 4), second moment, updated in place
-@group(0) @binding(7) var<storage, read> touched: array<u32>;           // adamw_update_rows: (N / row_len)
+@group(0) @binding(7) var<storage, read> rows: array<u32>;              // adamw_update_rows: count, then rows
 
 // The vec4 that invocation `gid` updates, and which of its lanes lie inside the tensor.
 struct Quad {
@@ -100,8 +103,8 @@ fn clip_factor() -> f32 {
     return min(1.0, step.max_norm / (total * step.grad_scale + CLIP_EPSILON));
 }
 
-// param * (1 - lr * weight_decay), the decoupled weight decay; both entry points use this one
-// expression so that they round alike.
+// param * (1 - lr * weight_decay), the decoupled weight decay; shaders/deferred_decay.wgsl
+// computes the same expression, so that both round alike.
 fn decayed(p: vec4<f32>) -> vec4<f32> {
     return p * (1.0 - step.lr * params.weight_decay);
 }
@@ -147,19 +150,13 @@ fn adamw_update(@builtin(global_invocation_id) gid: vec3<u32>,
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn adamw_update_rows(@builtin(global_invocation_id) gid: vec3<u32>,
                      @builtin(num_workgroups) groups: vec3<u32>) {
-    let q = quad(gid, groups);
-    if (!q.inside) {
+    let i = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
+    // Invocation i updates vec4 i % quads of listed row i / quads; rows are whole vec4s.
+    let quads = params.row_len / 4u;
+    let entry = i / quads;
+    if (entry >= rows[0]) {
         return;
     }
-    let clip = clip_factor();
-    // One flag per row of row_len floats; a vec4 never straddles two rows.
-    if (touched[q.index * 4u / params.row_len] == 0u) {
-        // A skipped step leaves param alone, and grad is already 0.
-        if (clip >= 0.0) {
-            let param_old = param[q.index];
-            param[q.index] = select(param_old, decayed(param_old), q.live);
-        }
-        return;
-    }
-    update_quad(q, clip);
+    let index = rows[1u + entry] * quads + i % quads;
+    update_quad(Quad(index, true, vec4<bool>(true)), clip_factor());
 }

@@ -4,12 +4,13 @@
 //   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block, each
 //   invocation a run of ELEMENTS_PER_INVOCATION consecutive floats of it.
 // norm_finalize:     norm[0] = sqrt(sum of partials[0..count]) (assigned), in one workgroup.
-// norm_partial_sums_rows: the partial sums of a table of rows of `row_len` floats (a multiple of
-//                    ELEMENTS_PER_INVOCATION) whose gradient can be nonzero only in the rows
-//                    flagged in `touched` (see adamw_update_rows in shaders/adamw.wgsl). An
-//                    invocation whose run lies in an unflagged row loads its flag instead of the
-//                    run. Its sum is then +0, exactly what norm_partial_sums gets from a run of
-//                    zeros, so both entry points give the same bits.
+// norm_partial_sums_rows: the partial sums of the blocks listed in `blocks` (a count, then block
+//                    numbers), for a table whose gradient can be nonzero only in some rows (see
+//                    adamw_update_rows in shaders/adamw.wgsl). The host lists every block that
+//                    holds a flagged row and sizes the dispatch indirectly; the partial sum of an
+//                    unlisted block, all zeros, stays the +0 it was created with. A listed block
+//                    is summed exactly as norm_partial_sums sums it, so both entry points give the
+//                    same bits.
 //
 // Both reductions run in a fixed order (a loop over the run per invocation, then a tree over the
 // workgroup), never with atomics, so two runs give bitwise-identical norms.
@@ -26,15 +27,14 @@ struct NormParams {
     partial_offset: u32,
     // norm_finalize: number of partial sums to add.
     count: u32,
-    // norm_partial_sums_rows: floats per row of the table.
-    row_len: u32,
+    _pad0: u32,
 }
 
 // Each slot is declared once and shared by both entry points.
 @group(0) @binding(0) var<uniform> params: NormParams;
 @group(0) @binding(1) var<storage, read> input: array<f32>;        // partial sums: grad (len); finalize: partials (count)
 @group(0) @binding(2) var<storage, read_write> output: array<f32>; // partial sums: partials; finalize: norm (1)
-@group(0) @binding(3) var<storage, read> touched: array<u32>;       // partial sums of rows: (len / row_len)
+@group(0) @binding(3) var<storage, read> blocks: array<u32>;        // partial sums of rows: count, then blocks
 
 var<workgroup> partial: array<f32, WORKGROUP_SIZE>;
 
@@ -104,17 +104,8 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
 fn norm_partial_sums_rows(@builtin(workgroup_id) wid: vec3<u32>,
                           @builtin(num_workgroups) groups: vec3<u32>,
                           @builtin(local_invocation_index) lid: u32) {
-    let block = wid.x + wid.y * groups.x;
-    let start = block * BLOCK_SIZE;
-    // Uniform across the workgroup, so the barriers below stay in uniform control flow.
-    if (start >= params.len) {
-        return;
-    }
-    // len is a whole number of rows, each a whole number of these runs.
-    let first = start + lid * ELEMENTS_PER_INVOCATION;
-    var sum = 0.0;
-    if (first < params.len && touched[first / params.row_len] != 0u) {
-        sum = squared_run(first);
-    }
-    store_block_sum(lid, block, sum);
+    // Workgroups past the last listed block (a 2-D grid rounds up) repeat it and store the same
+    // sum; no branch, so the barriers stay in uniform control flow.
+    let block = blocks[1u + min(wid.x + wid.y * groups.x, blocks[0] - 1u)];
+    store_block_sum(lid, block, squared_run(block * BLOCK_SIZE + lid * ELEMENTS_PER_INVOCATION));
 }

@@ -198,7 +198,9 @@ impl Gpu {
             }
         }
         let limits = adapter.limits();
-        let half_floats = adapter.get_downlevel_capabilities().flags.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
+        let downlevel = adapter.get_downlevel_capabilities().flags;
+        let half_floats = downlevel.contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
+        let indirect_dispatch = downlevel.contains(wgpu::DownlevelFlags::INDIRECT_EXECUTION);
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("shadertune device"),
             required_features: features,
@@ -236,6 +238,7 @@ impl Gpu {
             limits,
             features,
             half_floats,
+            indirect_dispatch,
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,

@@ -69,6 +69,19 @@ impl Gpu {
         }))
     }
 
+    /// Creates a buffer for the workgroup counts of an indirect dispatch (see
+    /// [`Dispatch::with_indirect`](super::Dispatch::with_indirect)), holding `[0, 1, 1]`: no work.
+    pub(crate) fn indirect_buffer(&self, label: &str) -> wgpu::Buffer {
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: 12,
+            usage: wgpu::BufferUsages::INDIRECT | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.write(&buffer, 0, &[0u32, 1, 1]);
+        buffer
+    }
+
     /// Creates a storage buffer holding `data`.
     pub(crate) fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> Result<wgpu::Buffer, GpuError> {
         let bytes: &[u8] = bytemuck::cast_slice(data);

@@ -142,6 +142,8 @@ pub struct Gpu {
     features: wgpu::Features,
     /// Whether shaders may convert between f32 and f16 bits (`unpack2x16float`).
     half_floats: bool,
+    /// Whether dispatches may read their workgroup counts from a buffer.
+    indirect_dispatch: bool,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<pipelines::CachedPipeline>>>,
     /// Errors reported outside an error scope, kept until the next [`Gpu::check_errors`].
@@ -177,6 +179,13 @@ impl Gpu {
     /// 30 grants it to every adapter except llvmpipe's Vulkan driver without `SHADER_F16`.
     pub fn half_floats(&self) -> bool {
         self.half_floats
+    }
+
+    /// Returns whether dispatches may read their workgroup counts from a buffer
+    /// ([`Dispatch::with_indirect`]), wgpu's `DownlevelFlags::INDIRECT_EXECUTION`, which WebGL2,
+    /// OpenGL ES 3.0 and the oldest Metal GPUs lack.
+    pub fn indirect_dispatch(&self) -> bool {
+        self.indirect_dispatch
     }
 
     /// Returns one line naming the adapter, backend and driver, for logs and reports.

@@ -46,14 +46,28 @@ pub(crate) struct Dispatch {
     pub workgroups: [u32; 3],
     // Keeps the parameter buffer alive as long as the bind group that uses it.
     _params: Option<wgpu::Buffer>,
+    /// Holds the workgroup counts instead of `workgroups`, for work whose size the host changes
+    /// between steps without recreating the dispatch.
+    indirect: Option<wgpu::Buffer>,
 }
 
 impl Dispatch {
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        log::trace!("dispatch {} {:?}", self.label, self.workgroups);
+        log::trace!("dispatch {} {:?}{}", self.label, self.workgroups, if self.indirect.is_some() { " at most" } else { "" });
         pass.set_pipeline(&self.pipeline.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(self.workgroups[0], self.workgroups[1], self.workgroups[2]);
+        match &self.indirect {
+            Some(counts) => pass.dispatch_workgroups_indirect(counts, 0),
+            None => pass.dispatch_workgroups(self.workgroups[0], self.workgroups[1], self.workgroups[2]),
+        }
+    }
+
+    /// Makes the dispatch read its workgroup counts (three u32) from `counts`, a buffer made by
+    /// [`Gpu::indirect_buffer`], each time it is recorded; `workgroups` then keeps the largest
+    /// counts the dispatch was sized for.
+    pub fn with_indirect(mut self, counts: &wgpu::Buffer) -> Dispatch {
+        self.indirect = Some(counts.clone());
+        self
     }
 }
 
@@ -194,6 +208,6 @@ impl Gpu {
         if let Some(error) = pollster::block_on(scope.pop()) {
             return Err(GpuError::Pipeline { kernel: format!("{} ({label})", kernel.name()), message: error.to_string() });
         }
-        Ok(Dispatch { label, pipeline: cached, bind_group, workgroups, _params: params_buffer })
+        Ok(Dispatch { label, pipeline: cached, bind_group, workgroups, _params: params_buffer, indirect: None })
     }
 }

@@ -5,9 +5,9 @@ use super::plan::{Kernel, Plan, PlanOptions, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
-use crate::kernels::{adamw, attention, crossentropy, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
+use crate::kernels::{adamw, attention, crossentropy, deferred_decay, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 
 /// Optimizer settings of a training session.
@@ -146,32 +146,106 @@ pub struct Session<'g> {
     /// Distinct token ids of the batch last written by [`Session::set_inputs`], when some table
     /// has row flags.
     batch_tokens: RefCell<Vec<u32>>,
+    /// (lr, norm) of each optimizer step since the log was last emptied. The unflagged rows of
+    /// the tables above may still owe these steps' weight decay (see
+    /// `shaders/deferred_decay.wgsl`). `None` without such tables.
+    decay_log: Option<wgpu::Buffer>,
+    /// Steps in `decay_log`.
+    logged_steps: Cell<u32>,
+    /// Steps that `decay_log` may hold before every row settles: [`DECAY_LOG_STEPS`], fewer in
+    /// tests.
+    decay_log_steps: u32,
 }
 
+/// Optimizer steps the decay log holds; when it is full, every row settles its owed decay and
+/// the log starts again.
+const DECAY_LOG_STEPS: u32 = 1024;
+
 /// The host copy of one table's row flags (see [`RowFlags`](super::plan::RowFlags)), which the host sets and uploads
-/// before the first training step that gives a row a gradient.
+/// before the first training step that gives a row a gradient, and the weight decay that its
+/// unflagged rows owe.
 struct TouchedRows {
     /// Model weight whose table (or row chunk) the flags cover.
     weight: String,
+    /// The table's parameter tensor.
+    param: TensorId,
+    /// Device lists of the flagged rows and of the norm blocks that hold them.
     flags: TensorId,
+    blocks: TensorId,
     row_len: usize,
     /// Row of the whole weight that `host[0]` corresponds to.
     row_offset: usize,
+    /// Per row, 1 when flagged.
     host: Vec<u32>,
+    /// The flagged rows, in the order they were flagged.
+    listed_rows: Vec<u32>,
+    /// Per norm block, whether it holds a flagged row, and those blocks in the order listed.
+    block_listed: Vec<bool>,
+    listed_blocks: Vec<u32>,
+    /// Rows and blocks of the lists above that the device lists already hold.
+    uploaded_rows: usize,
+    uploaded_blocks: usize,
+    /// Workgroup counts of the AdamW and norm dispatches over the listed rows and blocks.
+    adamw_counts: wgpu::Buffer,
+    norm_counts: wgpu::Buffer,
+    /// Per unflagged row, the first logged step whose weight decay the row still owes; it is up
+    /// to date when this equals the session's `logged_steps`. AdamW keeps flagged rows up to
+    /// date, and this value means nothing for them.
+    owed_from: Vec<u32>,
+    /// Rows (and their first owed step) for `settle` to decay, and its workgroup counts.
+    list: wgpu::Buffer,
+    settle_counts: wgpu::Buffer,
+    /// Applies the decay that the rows in `list` owe.
+    settle: Dispatch,
 }
 
 impl TouchedRows {
-    /// Flags the rows (numbered in the whole weight) that fall in this table; true when one was
-    /// not flagged before.
-    fn flag(&mut self, rows: impl Iterator<Item = usize>) -> bool {
-        let mut changed = false;
+    /// Flags the rows (numbered in the whole weight) that fall in this table.
+    fn flag(&mut self, rows: impl Iterator<Item = usize>) {
         for row in rows {
-            if let Some(flag) = row.checked_sub(self.row_offset).and_then(|r| self.host.get_mut(r)) {
-                changed |= *flag == 0;
-                *flag = 1;
+            let Some(r) = row.checked_sub(self.row_offset).filter(|&r| r < self.host.len()) else { continue };
+            if self.host[r] != 0 {
+                continue;
+            }
+            self.host[r] = 1;
+            self.listed_rows.push(r as u32);
+            let first = r * self.row_len / norm::BLOCK_SIZE;
+            let last = ((r + 1) * self.row_len - 1) / norm::BLOCK_SIZE;
+            for block in first..=last {
+                if !self.block_listed[block] {
+                    self.block_listed[block] = true;
+                    self.listed_blocks.push(block as u32);
+                }
             }
         }
-        changed
+    }
+
+    /// Writes the list of rows that owe the decay of logged steps `from..end`, as `(row, from)`
+    /// pairs, and the workgroup counts of `settle` over them.
+    fn write_owed(&self, gpu: &Gpu, end: u32, rows: &[(u32, u32)]) {
+        gpu.write(&self.list, 0, &deferred_decay::list(end, rows));
+        gpu.write(&self.settle_counts, 0, &deferred_decay::rows_workgroups(gpu, rows.len(), self.row_len));
+    }
+
+    /// Uploads the rows and blocks flagged since the last upload, and the workgroup counts of
+    /// the dispatches over them.
+    fn upload(&mut self, gpu: &Gpu, dedicated: &HashMap<TensorId, wgpu::Buffer>) {
+        if self.uploaded_rows == self.listed_rows.len() {
+            return;
+        }
+        let flags = &dedicated[&self.flags];
+        gpu.write(flags, 0, &[self.listed_rows.len() as u32]);
+        gpu.write(flags, 4 * (1 + self.uploaded_rows as u64), &self.listed_rows[self.uploaded_rows..]);
+        gpu.write(&self.adamw_counts, 0, &adamw::rows_workgroups(gpu, self.listed_rows.len(), self.row_len));
+        self.uploaded_rows = self.listed_rows.len();
+        // Without the gradient norm, the plan has no block list.
+        let Some(blocks) = dedicated.get(&self.blocks) else { return };
+        if self.uploaded_blocks < self.listed_blocks.len() {
+            gpu.write(blocks, 0, &[self.listed_blocks.len() as u32]);
+            gpu.write(blocks, 4 * (1 + self.uploaded_blocks as u64), &self.listed_blocks[self.uploaded_blocks..]);
+            gpu.write(&self.norm_counts, 0, &norm::blocks_workgroups(gpu, self.listed_blocks.len()));
+            self.uploaded_blocks = self.listed_blocks.len();
+        }
     }
 }
 
@@ -198,7 +272,9 @@ impl<'g> Session<'g> {
         train: bool,
         settings: OptimizerSettings,
     ) -> Result<Session<'g>, GpuError> {
-        Session::with_row_flags(gpu, graph, weights, train, settings, true)
+        // The row lists size their dispatches indirectly; without that, every table gets the
+        // dense update.
+        Session::with_row_flags(gpu, graph, weights, train, settings, gpu.indirect_dispatch())
     }
 
     /// [`Session::new`], with `row_flags` false giving every table the dense optimizer update.
@@ -255,8 +331,11 @@ impl<'g> Session<'g> {
             loss_log: None,
             touched_rows: RefCell::new(Vec::new()),
             batch_tokens: RefCell::new(Vec::new()),
+            decay_log: None,
+            logged_steps: Cell::new(0),
+            decay_log_steps: DECAY_LOG_STEPS,
         };
-        session.touched_rows = RefCell::new(session.row_flag_tables());
+        session.touched_rows = RefCell::new(session.row_flag_tables()?);
         session.upload_weights(weights)?;
         session.build_dispatches()?;
         Ok(session)
@@ -326,6 +405,7 @@ impl<'g> Session<'g> {
     /// parameters never change, so `into`, which starts as the weights the session was created
     /// from, already contains them.
     pub fn download_weights(&self, into: &mut Weights) -> Result<(), GpuError> {
+        self.settle_all_rows()?;
         for source in &self.plan.graph.params {
             if !self.plan.graph.is_trainable(source.tensor) {
                 continue;
@@ -371,12 +451,15 @@ impl<'g> Session<'g> {
     }
 
     /// Reads the state `suffix` of model weight `name`, joining its row chunks: `.grad` for its
-    /// gradient, `.adam_m` and `.adam_v` for its AdamW moments. `None` when the plan has no such
-    /// buffer (a frozen weight, or a forward-only session).
+    /// gradient, `.adam_m` and `.adam_v` for its AdamW moments, `` for the weight itself. `None`
+    /// when the plan has no such buffer (a frozen weight, or a forward-only session).
     pub fn read_param_state(&self, name: &str, suffix: &str, numel: usize) -> Result<Option<Vec<f32>>, GpuError> {
         let chunks = self.state_chunks(name, suffix);
         if chunks.is_empty() {
             return Ok(None);
+        }
+        if suffix.is_empty() && self.has_row_table(name) {
+            self.settle_all_rows()?;
         }
         let mut whole = vec![0.0f32; numel];
         for (id, start) in chunks {
@@ -389,7 +472,12 @@ impl<'g> Session<'g> {
 
     /// Writes the state `suffix` of model weight `name` (see [`Session::read_param_state`]) from
     /// `whole`, split into its row chunks. Returns false when the plan has no such buffer.
-    pub fn write_param_state(&self, name: &str, suffix: &str, whole: &[f32]) -> bool {
+    pub fn write_param_state(&self, name: &str, suffix: &str, whole: &[f32]) -> Result<bool, GpuError> {
+        if self.has_row_table(name) {
+            // Rows about to be flagged or overwritten must not keep owing decay: afterwards no
+            // row owes any.
+            self.settle_all_rows()?;
+        }
         let chunks = self.state_chunks(name, suffix);
         for &(id, start) in &chunks {
             let len = self.plan.graph.tensors[id].len();
@@ -399,12 +487,23 @@ impl<'g> Session<'g> {
             // Rows with nonzero moments need the full update from now on.
             for table in self.touched_rows.borrow_mut().iter_mut().filter(|t| t.weight == name) {
                 let nonzero = whole.chunks(table.row_len).enumerate().filter(|(_, row)| row.iter().any(|&x| x != 0.0)).map(|(r, _)| r);
-                if table.flag(nonzero) {
-                    self.gpu.write(&self.dedicated[&table.flags], 0, &table.host);
-                }
+                table.flag(nonzero);
+                table.upload(self.gpu, &self.dedicated);
             }
         }
-        !chunks.is_empty()
+        Ok(!chunks.is_empty())
+    }
+
+    /// Returns whether model weight `name` has a table whose unflagged rows may owe decay.
+    fn has_row_table(&self, name: &str) -> bool {
+        self.touched_rows.borrow().iter().any(|table| table.weight == name)
+    }
+
+    /// Lets the decay log hold only `steps` steps (at most [`DECAY_LOG_STEPS`]), so that tests
+    /// reach the point where it fills.
+    #[cfg(test)]
+    pub(crate) fn set_decay_log_steps(&mut self, steps: u32) {
+        self.decay_log_steps = steps.min(DECAY_LOG_STEPS);
     }
 
     /// Sets the seed from which every training micro-batch derives its dropout mask.
@@ -418,11 +517,15 @@ impl<'g> Session<'g> {
         self.optimizer_steps = steps;
     }
 
-    /// Reads a tensor by name (an output, a parameter or a parameter gradient).
+    /// Reads a tensor by name (an output, a parameter or a parameter gradient). Reading a table
+    /// whose unflagged rows owe weight decay first applies all of it (a pass over the table).
     pub fn read_tensor(&self, name: &str) -> Result<Option<Vec<f32>>, GpuError> {
         let Some(&id) = self.by_name.get(name) else { return Ok(None) };
         if self.plan.storage[id] != Storage::Dedicated {
             return Ok(None);
+        }
+        if self.touched_rows.borrow().iter().any(|table| table.param == id) {
+            self.settle_all_rows()?;
         }
         let len = self.plan.graph.tensors[id].len();
         Ok(Some(self.gpu.read(&self.dedicated[&id], 0, len)?))
@@ -455,27 +558,137 @@ impl<'g> Session<'g> {
     }
 
     /// Creates the host copies of the plan's row flags, every row unflagged because the moments
-    /// start at 0.
-    fn row_flag_tables(&self) -> Vec<TouchedRows> {
-        let mut tables = Vec::new();
-        for kernel in &self.plan.kernels {
-            let Kernel::AdamW { param, rows: Some(rows), .. } = kernel else { continue };
-            let source = self.plan.graph.params.iter().find(|p| p.tensor == *param).expect("every trained tensor is a model weight");
-            let count = self.plan.graph.tensors[rows.flags].len();
-            tables.push(TouchedRows { weight: source.name.clone(), flags: rows.flags, row_len: rows.row_len, row_offset: rows.row_offset, host: vec![0; count] });
+    /// start at 0, and the decay log and dispatches that settle what unflagged rows owe.
+    fn row_flag_tables(&mut self) -> Result<Vec<TouchedRows>, GpuError> {
+        let rows: Vec<(TensorId, usize, super::plan::RowFlags)> = self
+            .plan
+            .kernels
+            .iter()
+            .filter_map(|kernel| match kernel {
+                Kernel::AdamW { param, len, rows: Some(rows), .. } => Some((*param, *len, *rows)),
+                _ => None,
+            })
+            .collect();
+        if rows.is_empty() {
+            return Ok(Vec::new());
         }
-        tables
+        let log = self.gpu.storage_buffer("decay log", u64::from(DECAY_LOG_STEPS) * deferred_decay::STEP_BYTES)?;
+        let max_norm = self.settings.max_norm();
+        let mut tables = Vec::new();
+        for (param, len, flags) in rows {
+            let source = self.plan.graph.params.iter().find(|p| p.tensor == param).expect("every trained tensor is a model weight");
+            let count = len / flags.row_len;
+            let name = self.name(param).to_string();
+            let list = self.gpu.storage_buffer(&format!("{name} owed rows"), (deferred_decay::list_len(count) * 4) as u64)?;
+            let settle_counts = self.gpu.indirect_buffer(&format!("{name} deferred decay workgroups"));
+            let decay = self.settings.weight_decay;
+            let (param_binding, label) = (self.binding(param), format!("deferred decay {name}"));
+            let settle = deferred_decay::decay_rows(
+                self.gpu,
+                &label,
+                len,
+                flags.row_len,
+                decay,
+                max_norm,
+                count,
+                (&log).into(),
+                (&list).into(),
+                param_binding,
+                &settle_counts,
+            )?;
+            let blocks = norm::partials_len(len);
+            tables.push(TouchedRows {
+                weight: source.name.clone(),
+                param,
+                flags: flags.flags,
+                blocks: flags.blocks,
+                row_len: flags.row_len,
+                row_offset: flags.row_offset,
+                host: vec![0; count],
+                listed_rows: Vec::new(),
+                block_listed: vec![false; blocks],
+                listed_blocks: Vec::new(),
+                uploaded_rows: 0,
+                uploaded_blocks: 0,
+                adamw_counts: self.gpu.indirect_buffer(&format!("{name} adamw workgroups")),
+                norm_counts: self.gpu.indirect_buffer(&format!("{name} norm workgroups")),
+                owed_from: vec![0; count],
+                list,
+                settle_counts,
+                settle,
+            });
+        }
+        self.decay_log = Some(log);
+        Ok(tables)
     }
 
-    /// Flags the rows of the tokens of the batch about to train and uploads the flags that
-    /// changed, before the step that gives those rows a gradient.
+    /// Flags the rows of the tokens of the batch about to train and uploads the newly listed rows
+    /// and blocks, before the step that gives those rows a gradient.
     fn flag_batch_rows(&self) {
         let tokens = self.batch_tokens.borrow();
         for table in self.touched_rows.borrow_mut().iter_mut() {
-            if table.flag(tokens.iter().map(|&id| id as usize)) {
-                self.gpu.write(&self.dedicated[&table.flags], 0, &table.host);
+            table.flag(tokens.iter().map(|&id| id as usize));
+            table.upload(self.gpu, &self.dedicated);
+        }
+    }
+
+    /// Writes the list of the batch's unflagged rows that owe weight decay, for each table, and
+    /// returns the indices of the tables whose `settle` dispatch must run before the
+    /// forward pass reads those rows. The host copy counts them as settled from now on.
+    fn owed_batch_rows(&self) -> Vec<usize> {
+        let end = self.logged_steps.get();
+        let tokens = self.batch_tokens.borrow();
+        let mut owing = Vec::new();
+        for (k, table) in self.touched_rows.borrow_mut().iter_mut().enumerate() {
+            let mut rows = Vec::new();
+            for &id in tokens.iter() {
+                let Some(r) = (id as usize).checked_sub(table.row_offset).filter(|&r| r < table.host.len()) else { continue };
+                if table.host[r] == 0 && table.owed_from[r] < end {
+                    rows.push((r as u32, table.owed_from[r]));
+                    table.owed_from[r] = end;
+                }
+            }
+            if !rows.is_empty() {
+                table.write_owed(self.gpu, end, &rows);
+                owing.push(k);
             }
         }
+        owing
+    }
+
+    /// Applies every weight decay that unflagged rows owe, then empties the decay log: before
+    /// the host reads a table, and when the log is full.
+    fn settle_all_rows(&self) -> Result<(), GpuError> {
+        let end = self.logged_steps.get();
+        if end == 0 {
+            return Ok(());
+        }
+        let mut tables = self.touched_rows.borrow_mut();
+        let mut owing = Vec::new();
+        for (k, table) in tables.iter_mut().enumerate() {
+            let rows: Vec<(u32, u32)> = (0..table.host.len())
+                .filter(|&r| table.host[r] == 0 && table.owed_from[r] < end)
+                .map(|r| (r as u32, table.owed_from[r]))
+                .collect();
+            if !rows.is_empty() {
+                table.write_owed(self.gpu, end, &rows);
+                owing.push(k);
+            }
+            table.owed_from.fill(0);
+        }
+        self.logged_steps.set(0);
+        if owing.is_empty() {
+            return Ok(());
+        }
+        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deferred decay") });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("deferred decay"), timestamp_writes: None });
+            for &k in &owing {
+                tables[k].settle.record(&mut pass);
+            }
+        }
+        self.gpu.queue.submit(Some(encoder.finish()));
+        self.gpu.check_errors("deferred weight decay")
     }
 
     /// Records the forward pass, and with `train` the backward pass, into one command encoder
@@ -493,6 +706,13 @@ impl<'g> Session<'g> {
             let folded = (mixed ^ (mixed >> 32)) as u32;
             self.gpu.write(buffer, 0, &[folded, u32::from(train)]);
         }
+        // A step that runs the optimizer: with an update, the training dispatches run to the end.
+        let optimizer = train && update.is_some();
+        if optimizer && self.logged_steps.get() >= self.decay_log_steps {
+            self.settle_all_rows()?;
+        }
+        // Before the flags change: flagged rows are always up to date.
+        let owing = self.owed_batch_rows();
         if train {
             self.micro_batches = if update.is_some() { 0 } else { self.micro_batches + 1 };
             self.flag_batch_rows();
@@ -525,13 +745,26 @@ impl<'g> Session<'g> {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("training step") });
         {
+            let tables = self.touched_rows.borrow();
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("training step"),
                 timestamp_writes: None,
             });
+            for &k in &owing {
+                tables[k].settle.record(&mut pass);
+            }
             for i in self.step_dispatches(train, end) {
                 self.dispatches[i].record(&mut pass);
             }
+        }
+        if let (true, Some(lr), Some(log)) = (optimizer, update, &self.decay_log) {
+            // This step's learning rate and gradient norm, for the rows whose decay is deferred.
+            let at = u64::from(self.logged_steps.get()) * deferred_decay::STEP_BYTES;
+            self.gpu.write(log, at, &[lr]);
+            if let Some(norm) = self.plan.norm {
+                encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_decay::NORM_OFFSET, 4);
+            }
+            self.logged_steps.set(self.logged_steps.get() + 1);
         }
         if train {
             if let Some(log) = &mut self.loss_log {
@@ -581,6 +814,9 @@ impl<'g> Session<'g> {
             return Ok(None);
         }
         let end = if train { self.dispatches.len() } else { self.forward_dispatches };
+        // The profiled step runs AdamW with learning rate 0, so its decay factor 1 - lr * decay is
+        // exactly 1 and it is not logged. The rows it reads must still be up to date.
+        let owing = self.owed_batch_rows();
         if train {
             self.flag_batch_rows();
             let step = adamw::AdamWStep {
@@ -595,7 +831,9 @@ impl<'g> Session<'g> {
             };
             self.gpu.write(&self.step_buffer, 0, &[step]);
         }
-        let chosen: Vec<usize> = self.step_dispatches(train, end).collect();
+        let tables = self.touched_rows.borrow();
+        let chosen: Vec<&Dispatch> =
+            owing.iter().map(|&k| &tables[k].settle).chain(self.step_dispatches(train, end).map(|d| &self.dispatches[d])).collect();
         let count = (2 * chosen.len()) as u32;
         let query_set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("dispatch timestamps"),
@@ -610,7 +848,7 @@ impl<'g> Session<'g> {
         });
         let mut encoder =
             self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("profiled step") });
-        for (i, dispatch) in chosen.iter().map(|&d| &self.dispatches[d]).enumerate() {
+        for (i, dispatch) in chosen.iter().enumerate() {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some(&dispatch.label),
                 timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
@@ -628,7 +866,6 @@ impl<'g> Session<'g> {
         Ok(Some(
             chosen
                 .iter()
-                .map(|&d| &self.dispatches[d])
                 .enumerate()
                 .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
                 .collect(),
@@ -946,7 +1183,11 @@ impl<'g> Session<'g> {
                 let label = format!("grad norm {}", self.name(*grad));
                 out.push(match rows {
                     None => norm::partial_sums(gpu, &label, *len, b(*grad), b(*partials), *offset)?,
-                    Some(r) => norm::partial_sums_rows(gpu, &label, *len, r.row_len, b(*grad), b(r.flags), b(*partials), *offset)?,
+                    Some(r) => {
+                        let tables = self.touched_rows.borrow();
+                        let table = tables.iter().find(|t| t.flags == r.flags).expect("every row-flagged table has host lists");
+                        norm::partial_sums_rows(gpu, &label, *len, b(*grad), b(r.blocks), b(*partials), *offset, &table.norm_counts)?
+                    }
                 });
             }
             Kernel::NormFinalize { count, partials, norm: n } => {
@@ -963,7 +1204,11 @@ impl<'g> Session<'g> {
                 let decay = self.settings.weight_decay;
                 out.push(match rows {
                     None => adamw::update(gpu, &label, *len, decay, step, norm_binding, state)?,
-                    Some(r) => adamw::update_rows(gpu, &label, *len, r.row_len, decay, step, norm_binding, state, b(r.flags))?,
+                    Some(r) => {
+                        let tables = self.touched_rows.borrow();
+                        let table = tables.iter().find(|t| t.flags == r.flags).expect("every row-flagged table has host lists");
+                        adamw::update_rows(gpu, &label, *len, r.row_len, decay, step, norm_binding, state, b(r.flags), &table.adamw_counts)?
+                    }
                 });
             }
         }

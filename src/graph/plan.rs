@@ -84,17 +84,22 @@ pub(crate) enum Kernel {
     AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, rows: Option<RowFlags> },
 }
 
-/// Per-row flags of a table whose gradient reaches only the rows of the tokens in the batch: the
-/// token embedding, when no tied language-model head adds to its gradient. The host sets a row's
-/// flag before the first step that gives the row a gradient. The optimizer gives unflagged rows,
-/// whose moments are still 0, only the weight decay.
+/// The flagged rows of a table whose gradient reaches only the rows of the tokens in the batch:
+/// the token embedding, when no tied language-model head adds to its gradient. The host flags a
+/// row before the first step that gives the row a gradient. The optimizer updates only flagged
+/// rows, and the gradient norm reads only the blocks that hold them. An unflagged row, whose
+/// gradient and moments are 0, owes only its weight decay, which the executor applies before
+/// anything reads the row.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowFlags {
-    /// U32 tensor with one flag per row.
+    /// U32 tensor: the count of flagged rows, then their indices (room for every row).
     pub flags: TensorId,
+    /// U32 tensor: the count of norm blocks (see `kernels::norm::partial_sums_rows`) that hold a
+    /// flagged row, then their numbers (room for every block); unused without the norm.
+    pub blocks: TensorId,
     /// Floats per row.
     pub row_len: usize,
-    /// Row of the whole table that the first flag corresponds to (tables split into row chunks).
+    /// First row of this table (a row chunk of a split weight) in the whole weight.
     pub row_offset: usize,
 }
 
@@ -138,7 +143,7 @@ impl Kernel {
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
             NormPartials { grad, partials, rows, .. } => {
                 let mut t = vec![*grad, *partials];
-                t.extend(rows.map(|r| r.flags));
+                t.extend(rows.map(|r| r.blocks));
                 t
             }
             NormFinalize { partials, norm, .. } => vec![*partials, *norm],
@@ -289,6 +294,8 @@ pub(crate) struct Plan {
 
 /// Name suffix of the row flags of a table whose optimizer skips untouched rows (see [`RowFlags`]).
 const ROWS_TOUCHED_SUFFIX: &str = ".rows_touched";
+/// Name suffix of the list of norm blocks that hold flagged rows (see [`RowFlags`]).
+const BLOCKS_TOUCHED_SUFFIX: &str = ".blocks_touched";
 
 /// Floats per row and first row of `grad` in the whole table when only token-embedding backward
 /// kernels write it, so that it is nonzero only in the rows of the batch's tokens.
@@ -332,18 +339,24 @@ impl Plan {
                 if row_len % 4 == 0 {
                     let rows = graph.tensors[param].shape[0];
                     let name = format!("{}{ROWS_TOUCHED_SUFFIX}", graph.tensors[param].name);
-                    let flags = graph.tensor(name, &[rows], DType::U32, TensorKind::OptimizerState);
-                    row_flags.insert(grad, RowFlags { flags, row_len, row_offset });
+                    let flags = graph.tensor(name, &[1 + rows], DType::U32, TensorKind::OptimizerState);
+                    let len = graph.tensors[param].len();
+                    let name = format!("{}{BLOCKS_TOUCHED_SUFFIX}", graph.tensors[param].name);
+                    let blocks = graph.tensor(name, &[1 + norm_partials(len)], DType::U32, TensorKind::OptimizerState);
+                    row_flags.insert(grad, RowFlags { flags, blocks, row_len, row_offset });
                 }
             }
             if options.clip {
                 let total: usize = backward.param_grads.iter().map(|&(_, g)| norm_partials(graph.tensors[g].len())).sum();
-                let partials = graph.tensor("grad_norm_partials", &[total], DType::F32, TensorKind::Scratch);
+                // The row kernel leaves the partial sums of untouched blocks alone, so they must
+                // keep their zeros: a dedicated buffer rather than a shared pool slot.
+                let kind = if row_flags.is_empty() { TensorKind::Scratch } else { TensorKind::OptimizerState };
+                let partials = graph.tensor("grad_norm_partials", &[total], DType::F32, kind);
                 let n = graph.tensor("grad_norm", &[1], DType::F32, TensorKind::Output);
                 let mut offset = 0;
                 for &(_, grad) in &backward.param_grads {
                     let len = graph.tensors[grad].len();
-                    let rows = row_flags.get(&grad).copied().filter(|r| crate::kernels::norm::rows_supported(r.row_len));
+                    let rows = row_flags.get(&grad).copied();
                     kernels.push(Kernel::NormPartials { len, grad, partials, offset, rows });
                     offset += norm_partials(len);
                 }

@@ -116,15 +116,17 @@ pub(crate) fn update(
     dispatch(gpu, label, len, weight_decay, step, norm, state, None)
 }
 
-/// Applies the step of [`update`] to a table of rows of `row_len` floats, of which only the rows
-/// whose flag in `touched` (one u32 per row) is nonzero get the full update. The others get only
-/// the weight decay, which is their exact update when their gradient and both moments are 0. So
-/// the caller sets a row's flag before the first step in which the row receives a gradient, and
-/// never clears it while the moments may be nonzero.
+/// Applies the step of [`update`] to the rows of a table (rows of `row_len` floats) listed in
+/// `rows`: the count of listed rows, then their indices. The other rows are left alone: their
+/// exact update is the weight decay alone when their gradient and both moments are 0, which the
+/// caller applies later with [`deferred_decay`](super::deferred_decay). So the caller lists a row
+/// before the first step in which the row receives a gradient, and never removes it while the
+/// moments may be nonzero. The dispatch reads its workgroup counts from `counts`, which the caller
+/// sets to [`rows_workgroups`] whenever the list grows.
 ///
 /// # Shapes
 /// - `param`, `grad`, `m`, `v`: (N) with N = `len`, a multiple of `row_len`
-/// - `touched`: (N / row_len)
+/// - `rows`: (1 + N / row_len)
 /// - `row_len`: a multiple of 4
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn update_rows(
@@ -136,14 +138,23 @@ pub(crate) fn update_rows(
     step: TensorBinding<'_>,
     norm: TensorBinding<'_>,
     state: AdamWState<'_>,
-    touched: TensorBinding<'_>,
+    rows: TensorBinding<'_>,
+    counts: &wgpu::Buffer,
 ) -> Result<Dispatch, GpuError> {
     assert!(
         row_len > 0 && row_len % 4 == 0 && len % row_len == 0,
         "`{label}`: {len} floats in rows of {row_len}: rows must be a multiple of 4 floats and divide the tensor"
     );
-    check_binding(label, "touched", &touched, len / row_len);
-    dispatch(gpu, label, len, weight_decay, step, norm, state, Some((row_len, touched)))
+    check_binding(label, "rows", &rows, 1 + len / row_len);
+    Ok(dispatch(gpu, label, len, weight_decay, step, norm, state, Some((row_len, rows)))?.with_indirect(counts))
+}
+
+/// Returns the workgroup counts of an [`update_rows`] dispatch over `listed` rows of `row_len` floats.
+pub(crate) fn rows_workgroups(gpu: &Gpu, listed: usize, row_len: usize) -> [u32; 3] {
+    if listed == 0 {
+        return [0, 1, 1];
+    }
+    super::grid_1d(gpu, (listed * row_len) as u64 / ELEMENTS_PER_INVOCATION, WORKGROUP_SIZE)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -166,7 +177,7 @@ fn dispatch(
     let groups = super::grid_1d(gpu, (len as u64).div_ceil(ELEMENTS_PER_INVOCATION), WORKGROUP_SIZE);
     let (entry, row_len, bindings) = match rows {
         None => (&UPDATE, 0, vec![step, norm, param, grad, m, v]),
-        Some((row_len, touched)) => (&UPDATE_ROWS, row_len as u32, vec![step, norm, param, grad, m, v, touched]),
+        Some((row_len, rows)) => (&UPDATE_ROWS, row_len as u32, vec![step, norm, param, grad, m, v, rows]),
     };
     let p = AdamWParams { len: len as u32, weight_decay, row_len, _pad0: 0 };
     gpu.dispatch(entry, label, Some(bytemuck::bytes_of(&p)), &bindings, groups)
@@ -307,44 +318,70 @@ mod tests {
     }
 
     /// The row variant runs on a table with three kinds of rows. Some never had a gradient (zero
-    /// moments and gradient, flag 0), some have one now (flag 1), and some had one before but not
-    /// in this step (flag 1, zero gradient, nonzero moments). Every value after each step, a
-    /// skipped step included, equals bit for bit what the full update gives on the same table.
+    /// moments and gradient, never listed), some have one now (listed), and some had one before
+    /// but not in this step (listed, zero gradient, nonzero moments). Rows that are not listed
+    /// get their weight decay later from `deferred_decay::decay_rows`: rows about to be listed
+    /// just before their first listed step, the rest in two parts, after step 2 and at the end.
+    /// The learning rate changes every
+    /// step and one step is skipped. After each step the moments, the gradients and the listed
+    /// rows, and at the end every value, equal bit for bit what the full update gives.
     #[test]
     fn adamw_rows_match_full_update() {
-        let Some(gpu) = test_gpu() else { return };
+        use crate::kernels::deferred_decay;
+        let Some(gpu) = test_gpu().filter(|gpu| gpu.indirect_dispatch()) else { return };
         let (rows, row_len) = (23, 12);
         let len = rows * row_len;
         let initial = random_vec(len, 7);
         // Rows 0, 5, 10, ... receive a gradient at every step, rows 1, 6, 11, ... at step 1 only,
-        // rows 3, 8, 13, ... from step 2 on; the others never.
-        let hit = |row: usize, step: u32| row % 5 == 0 || (row % 5 == 1 && step == 1) || (row % 5 == 3 && step >= 2);
+        // rows 3, 8, 13, ... from step 3 on; the others never.
+        let hit = |row: usize, step: u32| row % 5 == 0 || (row % 5 == 1 && step == 1) || (row % 5 == 3 && step >= 3);
         let full: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
         let sparse: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
         gpu.write(&full[0], 0, &initial);
         gpu.write(&sparse[0], 0, &initial);
 
-        let touched = gpu.storage_buffer("touched", (rows * 4) as u64).unwrap();
+        let listed = gpu.storage_buffer("listed rows", ((rows + 1) * 4) as u64).unwrap();
+        let counts = gpu.indirect_buffer("adamw workgroups");
         let step_buffer = gpu.storage_buffer("step", std::mem::size_of::<AdamWStep>() as u64).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
-        let mut flags = vec![0u32; rows];
-        for step in 1..=4u32 {
+        let steps = gpu.storage_buffer("decay log", 8 * deferred_decay::STEP_BYTES).unwrap();
+        let owed = gpu.storage_buffer("owed rows", (deferred_decay::list_len(rows) * 4) as u64).unwrap();
+        let max_norm = 1.0;
+        let settle_counts = gpu.indirect_buffer("decay workgroups");
+        let settle = |list: &[(u32, u32)], end: u32| {
+            gpu.write(&owed, 0, &deferred_decay::list(end, list));
+            gpu.write(&settle_counts, 0, &deferred_decay::rows_workgroups(gpu, list.len(), row_len));
+            let (param, list_binding) = ((&sparse[0]).into(), (&owed).into());
+            let d = deferred_decay::decay_rows(gpu, "decay", len, row_len, 0.1, max_norm, rows, (&steps).into(), list_binding, param, &settle_counts).unwrap();
+            gpu.run("deferred decay test", &[d]).unwrap();
+        };
+        let mut rows_listed: Vec<u32> = Vec::new();
+        for step in 1..=5u32 {
             let mut g = random_vec(len, 200 + u64::from(step));
+            let mut newly = Vec::new();
             for (row, chunk) in g.chunks_mut(row_len).enumerate() {
                 if !hit(row, step) {
                     chunk.fill(0.0);
-                } else {
-                    flags[row] = 1;
+                } else if !rows_listed.contains(&(row as u32)) {
+                    newly.push(row as u32);
                 }
             }
+            // A row listed for the first time first pays the decay of every earlier step.
+            settle(&newly.iter().map(|&r| (r, 0)).collect::<Vec<_>>(), step - 1);
+            rows_listed.extend(&newly);
             // Step 3 has a non-finite norm and is skipped.
             let total = if step == 3 { f32::NAN } else { global_norm(&[&to_f64(&g)]) as f32 };
             for buffers in [&full, &sparse] {
                 gpu.write(&buffers[1], 0, &g);
             }
-            gpu.write(&touched, 0, &flags);
+            let mut list = vec![rows_listed.len() as u32];
+            list.extend(&rows_listed);
+            gpu.write(&listed, 0, &list);
+            gpu.write(&counts, 0, &rows_workgroups(gpu, rows_listed.len(), row_len));
             gpu.write(&norm, 0, &[total]);
-            gpu.write(&step_buffer, 0, &[step_values(step, 1.0, 1.0)]);
+            let values = AdamWStep { lr: 1e-3 * (1.0 + 0.5 * step as f32), ..step_values(step, max_norm, 1.0) };
+            gpu.write(&step_buffer, 0, &[values]);
+            gpu.write(&steps, u64::from(step - 1) * deferred_decay::STEP_BYTES, &[values.lr, total]);
 
             let plain = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), state(&full[0], &full[1], &full[2], &full[3])).unwrap();
             let by_rows = update_rows(
@@ -356,20 +393,37 @@ mod tests {
                 (&step_buffer).into(),
                 (&norm).into(),
                 state(&sparse[0], &sparse[1], &sparse[2], &sparse[3]),
-                (&touched).into(),
+                (&listed).into(),
+                &counts,
             )
             .unwrap();
             gpu.run("adamw rows test", &[plain, by_rows]).unwrap();
+            if step == 2 {
+                // The rows that were never listed settle the first two steps now, the rest at the end.
+                let unlisted: Vec<(u32, u32)> = (0..rows as u32).filter(|r| !rows_listed.contains(r) && !hit(*r as usize, 3)).map(|r| (r, 0)).collect();
+                settle(&unlisted, 2);
+            }
 
             for (k, name) in ["param", "grad", "m", "v"].iter().enumerate() {
                 let want: Vec<u32> = gpu.read(&full[k], 0, len).unwrap();
                 let got: Vec<u32> = gpu.read(&sparse[k], 0, len).unwrap();
-                assert_eq!(got, want, "step {step}: {name} differs from the full update");
+                for row in 0..rows {
+                    let span = row * row_len..(row + 1) * row_len;
+                    if k > 0 || rows_listed.contains(&(row as u32)) {
+                        assert_eq!(got[span.clone()], want[span], "step {step}: {name} of row {row} differs from the full update");
+                    }
+                }
             }
         }
-
-        let param: Vec<f32> = gpu.read(&sparse[0], 0, len).unwrap();
-        let moved = param.iter().zip(&initial).filter(|(a, b)| a != b).count();
+        let before: Vec<u32> = gpu.read(&sparse[0], 0, len).unwrap();
+        let unlisted: Vec<(u32, u32)> = (0..rows as u32).filter(|r| !rows_listed.contains(r)).map(|r| (r, 2)).collect();
+        assert!(unlisted.len() > 5, "some rows must never be listed");
+        settle(&unlisted, 5);
+        let want: Vec<u32> = gpu.read(&full[0], 0, len).unwrap();
+        let got: Vec<u32> = gpu.read(&sparse[0], 0, len).unwrap();
+        assert_eq!(got, want, "after settling the owed decay, param differs from the full update");
+        assert_ne!(before, got, "the unlisted rows owed a decay that was never applied");
+        let moved = got.iter().zip(&initial).filter(|(a, b)| f32::from_bits(**a) != **b).count();
         assert_eq!(moved, len, "the weight decay should move every parameter");
     }
 }

@@ -13,6 +13,7 @@ pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod crossentropy;
 pub(crate) mod decode;
+pub(crate) mod deferred_decay;
 pub(crate) mod dropout;
 pub(crate) mod embedding;
 pub(crate) mod f16_weights;
@@ -45,6 +46,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &crossentropy::FAMILY,
     &lmloss::FAMILY,
     &adamw::FAMILY,
+    &deferred_decay::FAMILY,
     &norm::FAMILY,
     &pooling::FAMILY,
     &decode::FAMILY,
@@ -68,6 +70,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     crossentropy::ENTRIES,
     lmloss::ENTRIES,
     adamw::ENTRIES,
+    deferred_decay::ENTRIES,
     norm::ENTRIES,
     pooling::ENTRIES,
     decode::ENTRIES,

@@ -14,7 +14,7 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 /// Must match `ELEMENTS_PER_INVOCATION` in the shader.
 const ELEMENTS_PER_INVOCATION: usize = 16;
 /// Floats reduced into one partial sum by one workgroup.
-const BLOCK_SIZE: usize = WORKGROUP_SIZE as usize * ELEMENTS_PER_INVOCATION;
+pub(crate) const BLOCK_SIZE: usize = WORKGROUP_SIZE as usize * ELEMENTS_PER_INVOCATION;
 
 static PARTIAL_SUMS: KernelEntry = KernelEntry {
     family: &FAMILY,
@@ -47,8 +47,7 @@ pub(crate) struct NormParams {
     pub partial_offset: u32,
     /// Number of partial sums to add (finalize only).
     pub count: u32,
-    /// Floats per row ([`partial_sums_rows`] only).
-    pub row_len: u32,
+    pub _pad0: u32,
 }
 
 /// Panics unless `binding` contains at least `elements` 4-byte values. Shapes come from the
@@ -80,45 +79,50 @@ pub(crate) fn partial_sums(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "grad", &grad, len);
     check_binding(label, "partials", &partials, partial_offset + partials_len(len));
-    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: 0 };
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, _pad0: 0 };
     let blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
     let groups = crate::gpu::grid_for(blocks, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&PARTIAL_SUMS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials], groups)
 }
 
-/// Returns whether [`partial_sums_rows`] takes tables with rows of `row_len` floats.
-pub(crate) fn rows_supported(row_len: usize) -> bool {
-    row_len > 0 && row_len % ELEMENTS_PER_INVOCATION == 0
-}
-
-/// Writes the partial sums of [`partial_sums`] for a table of rows of `row_len` floats whose
-/// gradient is zero outside the rows flagged in `touched` (one u32 per row), without reading the
-/// unflagged rows. The results equal those of [`partial_sums`] bit for bit.
+/// Writes the partial sums of [`partial_sums`] for the blocks of `BLOCK_SIZE` floats listed in
+/// `blocks` (their count, then their numbers within the tensor), bit for bit as [`partial_sums`]
+/// writes them, and nothing for the others. For a table whose gradient is zero outside some rows,
+/// listing every block that holds such a row gives the norm of the whole tensor. That needs the
+/// partial sums of the unlisted blocks to hold +0 (never written, or written while they were zero).
+/// The dispatch reads its workgroup counts from `counts`, which the caller sets to
+/// [`blocks_workgroups`] whenever the list grows.
 ///
 /// # Shapes
-/// - `grad`: (len), a whole number of rows
-/// - `touched`: (len / row_len)
-/// - `row_len`: see [`rows_supported`]
+/// - `grad`: (len)
+/// - `blocks`: (1 + [`partials_len`]`(len)`)
+/// - `partials`: at least `partial_offset + partials_len(len)`
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn partial_sums_rows(
     gpu: &Gpu,
     label: &str,
     len: usize,
-    row_len: usize,
     grad: TensorBinding<'_>,
-    touched: TensorBinding<'_>,
+    blocks: TensorBinding<'_>,
     partials: TensorBinding<'_>,
     partial_offset: usize,
+    counts: &wgpu::Buffer,
 ) -> Result<Dispatch, GpuError> {
-    assert!(rows_supported(row_len), "`{label}`: rows of {row_len} floats are not a multiple of {ELEMENTS_PER_INVOCATION}");
-    assert!(len.is_multiple_of(row_len), "`{label}`: {len} floats are not a whole number of rows of {row_len}");
     check_binding(label, "grad", &grad, len);
-    check_binding(label, "touched", &touched, len / row_len);
+    check_binding(label, "blocks", &blocks, 1 + partials_len(len));
     check_binding(label, "partials", &partials, partial_offset + partials_len(len));
-    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: row_len as u32 };
-    let blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
-    let groups = crate::gpu::grid_for(blocks, gpu.limits().max_compute_workgroups_per_dimension);
-    gpu.dispatch(&PARTIAL_SUMS_ROWS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials, touched], groups)
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, _pad0: 0 };
+    let max_blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
+    let groups = crate::gpu::grid_for(max_blocks, gpu.limits().max_compute_workgroups_per_dimension);
+    Ok(gpu.dispatch(&PARTIAL_SUMS_ROWS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials, blocks], groups)?.with_indirect(counts))
+}
+
+/// Returns the workgroup counts of a [`partial_sums_rows`] dispatch over `listed` blocks.
+pub(crate) fn blocks_workgroups(gpu: &Gpu, listed: usize) -> [u32; 3] {
+    if listed == 0 {
+        return [0, 1, 1];
+    }
+    crate::gpu::grid_for(u32::try_from(listed).unwrap_or(u32::MAX), gpu.limits().max_compute_workgroups_per_dimension)
 }
 
 /// Writes `norm[0] = sqrt(sum of partials[0..count])` (assigned), added in a fixed order by one
@@ -136,7 +140,7 @@ pub(crate) fn finalize(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "partials", &partials, count);
     check_binding(label, "norm", &norm, 1);
-    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, row_len: 0 };
+    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, _pad0: 0 };
     gpu.dispatch(&FINALIZE, label, Some(bytemuck::bytes_of(&p)), &[partials, norm], [1, 1, 1])
 }
 
@@ -209,42 +213,48 @@ mod tests {
         assert_eq!(first.to_bits(), second.to_bits(), "global norm differs between runs: {first} vs {second}");
     }
 
-    /// A table of 2731 rows of 48 floats (33 blocks, the last one partial) has every third row
-    /// flagged and the others NaN. The row kernel reads only the flagged rows and matches their
-    /// norm, and a second table without row flags joins the same total. With the NaN rows set
-    /// to 0, the dense kernel gives the same partial sums bit for bit; a different order of the
-    /// additions would change some of the 33.
+    /// A table of 131,088 floats (33 blocks, the last one partial) lists every third block and the
+    /// last one, in reverse order, and holds NaN in the others. The row kernel reads only the
+    /// listed blocks, leaves the partial sums of the others at 0, and matches their norm. A
+    /// second tensor without a list joins the same total. With the NaN blocks set to 0, the dense
+    /// kernel gives the same 33 partial sums bit for bit; a different order of the additions
+    /// would change some of them.
     #[test]
-    fn row_norm_reads_flagged_rows_only() {
-        let Some(gpu) = test_gpu() else { return };
-        let (rows, row_len) = (2731, 48);
-        assert!(rows_supported(row_len), "rows of 48 floats are whole runs of 16");
-        assert!(!rows_supported(40), "rows of 40 floats are not whole runs of 16");
-        let mut table = random_vec(rows * row_len, 11);
-        let flags: Vec<u32> = (0..rows).map(|r| u32::from(r % 3 == 0)).collect();
-        for (row, values) in table.chunks_mut(row_len).enumerate() {
-            if flags[row] == 0 {
+    fn row_norm_reads_listed_blocks_only() {
+        let Some(gpu) = test_gpu().filter(|gpu| gpu.indirect_dispatch()) else { return };
+        let mut table = random_vec(2731 * 48, 11);
+        let blocks = partials_len(table.len());
+        assert_eq!(blocks, 33);
+        let listed: Vec<u32> = (0..blocks as u32).filter(|b| b % 3 == 0 || *b == 32).rev().collect();
+        for (block, values) in table.chunks_mut(BLOCK_SIZE).enumerate() {
+            if !listed.contains(&(block as u32)) {
                 values.fill(f32::NAN);
             }
         }
         let other = random_vec(1000, 12);
-        let blocks = partials_len(table.len());
         let count = blocks + partials_len(other.len());
-        let partials = gpu.upload("partials", &vec![f32::NAN; count]).unwrap();
+        let mut initial = vec![0.0f32; blocks];
+        initial.resize(count, f32::NAN);
+        let partials = gpu.upload("partials", &initial).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
         let grad = gpu.upload("grad", &table).unwrap();
-        let touched = gpu.upload("touched", &flags).unwrap();
+        let mut list = vec![listed.len() as u32];
+        list.extend(&listed);
+        list.resize(1 + blocks, 0);
+        let block_list = gpu.upload("blocks", &list).unwrap();
+        let counts = gpu.indirect_buffer("norm workgroups");
+        gpu.write(&counts, 0, &blocks_workgroups(gpu, listed.len()));
         let plain = gpu.upload("other", &other).unwrap();
         let dispatches = vec![
-            partial_sums_rows(gpu, "rows", table.len(), row_len, (&grad).into(), (&touched).into(), (&partials).into(), 0).unwrap(),
+            partial_sums_rows(gpu, "rows", table.len(), (&grad).into(), (&block_list).into(), (&partials).into(), 0, &counts).unwrap(),
             partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), blocks).unwrap(),
             finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
         ];
         gpu.run("row norm test", &dispatches).unwrap();
         let got = gpu.read::<f32>(&norm, 0, 1).unwrap()[0];
-        let flagged: Vec<f64> = table.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)).collect();
-        let want = reference::global_norm(&[&flagged, &to_f64(&other)]);
-        assert_close("norm of the flagged rows and a plain tensor", &[got], &[want], ATOL, RTOL);
+        let listed_values: Vec<f64> = table.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)).collect();
+        let want = reference::global_norm(&[&listed_values, &to_f64(&other)]);
+        assert_close("norm of the listed blocks and a plain tensor", &[got], &[want], ATOL, RTOL);
 
         let by_rows: Vec<u32> = gpu.read(&partials, 0, blocks).unwrap();
         let zeroed: Vec<f32> = table.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect();

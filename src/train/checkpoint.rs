@@ -221,7 +221,7 @@ pub fn load(run_dir: &Path, kind: &str, head: HeadKind) -> Result<Loaded, Checkp
 /// # Errors
 ///
 /// A trainable weight of the session without stored moments (the checkpoint was written with
-/// another set of trainable weights).
+/// another set of trainable weights), or a device error.
 pub fn restore_optimizer(session: &mut Session<'_>, loaded: &Loaded) -> Result<(), CheckpointError> {
     for (name, tensor) in &loaded.weights.tensors {
         for suffix in [".adam_m", ".adam_v"] {
@@ -234,7 +234,7 @@ pub fn restore_optimizer(session: &mut Session<'_>, loaded: &Loaded) -> Result<(
                     &zeros
                 }
             };
-            let trainable = session.write_param_state(name, suffix, values);
+            let trainable = session.write_param_state(name, suffix, values)?;
             if trainable && !loaded.moments.contains_key(&key) {
                 return Err(CheckpointError::Invalid {
                     path: loaded.dir.join("optimizer.safetensors"),
