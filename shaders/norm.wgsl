@@ -4,16 +4,18 @@
 //   (assigned). A block is BLOCK_SIZE consecutive floats; one workgroup reduces one block, each
 //   invocation a run of ELEMENTS_PER_INVOCATION consecutive floats of it.
 // norm_finalize:     norm[0] = sqrt(sum of partials[0..count]) (assigned), in one workgroup.
-// norm_partial_sums_rows: the partial sums of the blocks listed in `blocks` (a count, then block
-//                    numbers), for a table whose gradient can be nonzero only in some rows (see
-//                    adamw_update_rows in shaders/adamw.wgsl). The host lists every block that
-//                    holds a flagged row and sizes the dispatch indirectly; the partial sum of an
-//                    unlisted block, all zeros, stays the +0 it was created with. A listed block
-//                    is summed exactly as norm_partial_sums sums it, so both entry points give the
-//                    same bits.
+// norm_row_sums:     partials[partial_offset + r] = sum of x^2 over row r of a table of rows of
+//                    `row_len` floats (assigned), one invocation per row adding the row's floats
+//                    in index order. The norm of a table whose gradient reaches only some rows
+//                    (the token embedding of a classifier) is summed this way.
+// norm_row_sums_listed: the same for the rows listed in `rows` (a count, then row indices) only,
+//                    in a dispatch that the host sizes indirectly (see adamw_update_rows in
+//                    shaders/adamw.wgsl). The partial sum of an unlisted row, whose gradient is
+//                    zero, stays the +0 it was created with, so both entry points give the same
+//                    bits.
 //
-// Both reductions run in a fixed order (a loop over the run per invocation, then a tree over the
-// workgroup), never with atomics, so two runs give bitwise-identical norms.
+// Every reduction runs in a fixed order (loops in index order, trees over the workgroup), never
+// with atomics, so two runs give bitwise-identical norms.
 
 const WORKGROUP_SIZE: u32 = 256u;
 // Floats each invocation squares in norm_partial_sums.
@@ -27,14 +29,15 @@ struct NormParams {
     partial_offset: u32,
     // norm_finalize: number of partial sums to add.
     count: u32,
-    _pad0: u32,
+    // norm_row_sums and norm_row_sums_listed: floats per row of the table.
+    row_len: u32,
 }
 
-// Each slot is declared once and shared by both entry points.
+// Each slot is declared once and shared by the entry points.
 @group(0) @binding(0) var<uniform> params: NormParams;
 @group(0) @binding(1) var<storage, read> input: array<f32>;        // partial sums: grad (len); finalize: partials (count)
 @group(0) @binding(2) var<storage, read_write> output: array<f32>; // partial sums: partials; finalize: norm (1)
-@group(0) @binding(3) var<storage, read> blocks: array<u32>;        // partial sums of rows: count, then blocks
+@group(0) @binding(3) var<storage, read> rows: array<u32>;          // norm_row_sums_listed: count, then rows
 
 var<workgroup> partial: array<f32, WORKGROUP_SIZE>;
 
@@ -100,12 +103,32 @@ fn norm_finalize(@builtin(local_invocation_index) lid: u32) {
     }
 }
 
+// Sum of x^2 over row r, in index order.
+fn row_sum(r: u32) -> f32 {
+    let first = r * params.row_len;
+    var sum = 0.0;
+    for (var i = 0u; i < params.row_len; i++) {
+        let x = input[first + i];
+        sum = fma(x, x, sum);
+    }
+    return sum;
+}
+
 @compute @workgroup_size(WORKGROUP_SIZE)
-fn norm_partial_sums_rows(@builtin(workgroup_id) wid: vec3<u32>,
-                          @builtin(num_workgroups) groups: vec3<u32>,
-                          @builtin(local_invocation_index) lid: u32) {
-    // Workgroups past the last listed block (a 2-D grid rounds up) repeat it and store the same
-    // sum; no branch, so the barriers stay in uniform control flow.
-    let block = blocks[1u + min(wid.x + wid.y * groups.x, blocks[0] - 1u)];
-    store_block_sum(lid, block, squared_run(block * BLOCK_SIZE + lid * ELEMENTS_PER_INVOCATION));
+fn norm_row_sums(@builtin(global_invocation_id) gid: vec3<u32>,
+                 @builtin(num_workgroups) groups: vec3<u32>) {
+    let r = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
+    if (r < params.len / params.row_len) {
+        output[params.partial_offset + r] = row_sum(r);
+    }
+}
+
+@compute @workgroup_size(WORKGROUP_SIZE)
+fn norm_row_sums_listed(@builtin(global_invocation_id) gid: vec3<u32>,
+                        @builtin(num_workgroups) groups: vec3<u32>) {
+    let entry = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
+    if (entry < rows[0]) {
+        let r = rows[1u + entry];
+        output[params.partial_offset + r] = row_sum(r);
+    }
 }

@@ -1,7 +1,7 @@
 //! Executor: buffers, pipelines and bind groups created once, a step replayed from one encoder.
 
 use super::ir::{chunk_shape, Op, ParamEncoding, TensorId};
-use super::plan::{Kernel, Plan, PlanOptions, Storage};
+use super::plan::{Kernel, Plan, PlanOptions, RowNorm, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
@@ -169,9 +169,8 @@ struct TouchedRows {
     weight: String,
     /// The table's parameter tensor.
     param: TensorId,
-    /// Device lists of the flagged rows and of the norm blocks that hold them.
+    /// Device list of the flagged rows.
     flags: TensorId,
-    blocks: TensorId,
     row_len: usize,
     /// Row of the whole weight that `host[0]` corresponds to.
     row_offset: usize,
@@ -179,13 +178,9 @@ struct TouchedRows {
     host: Vec<u32>,
     /// The flagged rows, in the order they were flagged.
     listed_rows: Vec<u32>,
-    /// Per norm block, whether it holds a flagged row, and those blocks in the order listed.
-    block_listed: Vec<bool>,
-    listed_blocks: Vec<u32>,
-    /// Rows and blocks of the lists above that the device lists already hold.
+    /// Rows of `listed_rows` that the device list already holds.
     uploaded_rows: usize,
-    uploaded_blocks: usize,
-    /// Workgroup counts of the AdamW and norm dispatches over the listed rows and blocks.
+    /// Workgroup counts of the AdamW and norm dispatches over the listed rows.
     adamw_counts: wgpu::Buffer,
     norm_counts: wgpu::Buffer,
     /// Per unflagged row, the first logged step whose weight decay the row still owes; it is up
@@ -209,14 +204,6 @@ impl TouchedRows {
             }
             self.host[r] = 1;
             self.listed_rows.push(r as u32);
-            let first = r * self.row_len / norm::BLOCK_SIZE;
-            let last = ((r + 1) * self.row_len - 1) / norm::BLOCK_SIZE;
-            for block in first..=last {
-                if !self.block_listed[block] {
-                    self.block_listed[block] = true;
-                    self.listed_blocks.push(block as u32);
-                }
-            }
         }
     }
 
@@ -227,25 +214,19 @@ impl TouchedRows {
         gpu.write(&self.settle_counts, 0, &deferred_decay::rows_workgroups(gpu, rows.len(), self.row_len));
     }
 
-    /// Uploads the rows and blocks flagged since the last upload, and the workgroup counts of
-    /// the dispatches over them.
+    /// Uploads the rows flagged since the last upload, and the workgroup counts of the
+    /// dispatches over the listed rows.
     fn upload(&mut self, gpu: &Gpu, dedicated: &HashMap<TensorId, wgpu::Buffer>) {
         if self.uploaded_rows == self.listed_rows.len() {
             return;
         }
         let flags = &dedicated[&self.flags];
-        gpu.write(flags, 0, &[self.listed_rows.len() as u32]);
+        let listed = self.listed_rows.len();
+        gpu.write(flags, 0, &[listed as u32]);
         gpu.write(flags, 4 * (1 + self.uploaded_rows as u64), &self.listed_rows[self.uploaded_rows..]);
-        gpu.write(&self.adamw_counts, 0, &adamw::rows_workgroups(gpu, self.listed_rows.len(), self.row_len));
-        self.uploaded_rows = self.listed_rows.len();
-        // Without the gradient norm, the plan has no block list.
-        let Some(blocks) = dedicated.get(&self.blocks) else { return };
-        if self.uploaded_blocks < self.listed_blocks.len() {
-            gpu.write(blocks, 0, &[self.listed_blocks.len() as u32]);
-            gpu.write(blocks, 4 * (1 + self.uploaded_blocks as u64), &self.listed_blocks[self.uploaded_blocks..]);
-            gpu.write(&self.norm_counts, 0, &norm::blocks_workgroups(gpu, self.listed_blocks.len()));
-            self.uploaded_blocks = self.listed_blocks.len();
-        }
+        gpu.write(&self.adamw_counts, 0, &adamw::rows_workgroups(gpu, listed, self.row_len));
+        gpu.write(&self.norm_counts, 0, &norm::rows_workgroups(gpu, listed));
+        self.uploaded_rows = listed;
     }
 }
 
@@ -596,20 +577,15 @@ impl<'g> Session<'g> {
                 param_binding,
                 &settle_counts,
             )?;
-            let blocks = norm::partials_len(len);
             tables.push(TouchedRows {
                 weight: source.name.clone(),
                 param,
                 flags: flags.flags,
-                blocks: flags.blocks,
                 row_len: flags.row_len,
                 row_offset: flags.row_offset,
                 host: vec![0; count],
                 listed_rows: Vec::new(),
-                block_listed: vec![false; blocks],
-                listed_blocks: Vec::new(),
                 uploaded_rows: 0,
-                uploaded_blocks: 0,
                 adamw_counts: self.gpu.indirect_buffer(&format!("{name} adamw workgroups")),
                 norm_counts: self.gpu.indirect_buffer(&format!("{name} norm workgroups")),
                 owed_from: vec![0; count],
@@ -1183,10 +1159,11 @@ impl<'g> Session<'g> {
                 let label = format!("grad norm {}", self.name(*grad));
                 out.push(match rows {
                     None => norm::partial_sums(gpu, &label, *len, b(*grad), b(*partials), *offset)?,
-                    Some(r) => {
+                    Some(RowNorm { row_len, listed: None }) => norm::row_sums(gpu, &label, *len, *row_len, b(*grad), b(*partials), *offset)?,
+                    Some(RowNorm { row_len, listed: Some(flags) }) => {
                         let tables = self.touched_rows.borrow();
-                        let table = tables.iter().find(|t| t.flags == r.flags).expect("every row-flagged table has host lists");
-                        norm::partial_sums_rows(gpu, &label, *len, b(*grad), b(r.blocks), b(*partials), *offset, &table.norm_counts)?
+                        let table = tables.iter().find(|t| t.flags == *flags).expect("every row-flagged table has host lists");
+                        norm::listed_row_sums(gpu, &label, *len, *row_len, b(*grad), b(*flags), b(*partials), *offset, &table.norm_counts)?
                     }
                 });
             }

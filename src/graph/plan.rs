@@ -77,8 +77,8 @@ pub(crate) enum Kernel {
         rows: usize,
     },
     EmbeddingPosition { batch: usize, seq_len: usize, channels: usize, dout: TensorId, dwpe: TensorId },
-    /// With `rows`, unflagged rows are skipped (see [`RowFlags`]).
-    NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize, rows: Option<RowFlags> },
+    /// With `rows`, one partial sum per row (see [`RowNorm`]).
+    NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize, rows: Option<RowNorm> },
     NormFinalize { count: usize, partials: TensorId, norm: TensorId },
     /// With `rows`, only the flagged rows get the full update (see [`RowFlags`]).
     AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, rows: Option<RowFlags> },
@@ -86,17 +86,13 @@ pub(crate) enum Kernel {
 
 /// The flagged rows of a table whose gradient reaches only the rows of the tokens in the batch:
 /// the token embedding, when no tied language-model head adds to its gradient. The host flags a
-/// row before the first step that gives the row a gradient. The optimizer updates only flagged
-/// rows, and the gradient norm reads only the blocks that hold them. An unflagged row, whose
-/// gradient and moments are 0, owes only its weight decay, which the executor applies before
-/// anything reads the row.
+/// row before the first step that gives the row a gradient. The optimizer and the gradient norm
+/// (see [`RowNorm`]) read only flagged rows. An unflagged row, whose gradient and moments are 0,
+/// owes only its weight decay, which the executor applies before anything reads the row.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowFlags {
     /// U32 tensor: the count of flagged rows, then their indices (room for every row).
     pub flags: TensorId,
-    /// U32 tensor: the count of norm blocks (see `kernels::norm::partial_sums_rows`) that hold a
-    /// flagged row, then their numbers (room for every block); unused without the norm.
-    pub blocks: TensorId,
     /// Floats per row.
     pub row_len: usize,
     /// First row of this table (a row chunk of a split weight) in the whole weight.
@@ -143,7 +139,7 @@ impl Kernel {
             EmbeddingPosition { dout, dwpe, .. } => vec![*dout, *dwpe],
             NormPartials { grad, partials, rows, .. } => {
                 let mut t = vec![*grad, *partials];
-                t.extend(rows.map(|r| r.blocks));
+                t.extend(rows.and_then(|r| r.listed));
                 t
             }
             NormFinalize { partials, norm, .. } => vec![*partials, *norm],
@@ -209,6 +205,18 @@ impl Kernel {
             AdamW { len, .. } => 16 * *len as u64,
         }
     }
+}
+
+/// The gradient norm of a table whose gradient reaches only the rows of the batch's tokens (see
+/// [`row_sparse_table`]): one partial sum per row. A flagged session sums only the flagged rows,
+/// in the order a dense session sums every row, so both get the same bits.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowNorm {
+    /// Floats per row.
+    pub row_len: usize,
+    /// The table's list of flagged rows ([`RowFlags::flags`]), when it has one. The partial sums
+    /// of the other rows then keep the zeros they were created with.
+    pub listed: Option<TensorId>,
 }
 
 /// Storage location of a tensor's bytes.
@@ -294,8 +302,6 @@ pub(crate) struct Plan {
 
 /// Name suffix of the row flags of a table whose optimizer skips untouched rows (see [`RowFlags`]).
 const ROWS_TOUCHED_SUFFIX: &str = ".rows_touched";
-/// Name suffix of the list of norm blocks that hold flagged rows (see [`RowFlags`]).
-const BLOCKS_TOUCHED_SUFFIX: &str = ".blocks_touched";
 
 /// Floats per row and first row of `grad` in the whole table when only token-embedding backward
 /// kernels write it, so that it is nonzero only in the rows of the batch's tokens.
@@ -315,9 +321,13 @@ fn row_sparse_table(backward: &[Kernel], grad: TensorId) -> Option<(usize, usize
     found
 }
 
-/// Maximum number of partial sums per tensor in the norm reduction; must match the norm kernels.
-fn norm_partials(len: usize) -> usize {
-    crate::kernels::norm::partials_len(len)
+/// Number of partial sums of one gradient tensor in the norm reduction; must match the norm
+/// kernels: one per row with `rows`, else one per block.
+fn norm_partials(len: usize, rows: Option<RowNorm>) -> usize {
+    match rows {
+        Some(r) => len / r.row_len,
+        None => crate::kernels::norm::partials_len(len),
+    }
 }
 
 impl Plan {
@@ -334,31 +344,34 @@ impl Plan {
             // Row flags of the tables whose gradient reaches only the batch's rows; the AdamW
             // row kernel reads whole vec4s of one row.
             let mut row_flags = HashMap::new();
+            let mut row_norms = HashMap::new();
             for &(param, grad) in &backward.param_grads {
-                let Some((row_len, row_offset)) = row_sparse_table(&backward.kernels, grad).filter(|_| options.row_flags) else { continue };
-                if row_len % 4 == 0 {
+                let Some((row_len, row_offset)) = row_sparse_table(&backward.kernels, grad) else { continue };
+                // The dense session sums such a table per row too, so that both agree bit for bit.
+                let mut row_norm = RowNorm { row_len, listed: None };
+                if options.row_flags && row_len % 4 == 0 {
                     let rows = graph.tensors[param].shape[0];
                     let name = format!("{}{ROWS_TOUCHED_SUFFIX}", graph.tensors[param].name);
                     let flags = graph.tensor(name, &[1 + rows], DType::U32, TensorKind::OptimizerState);
-                    let len = graph.tensors[param].len();
-                    let name = format!("{}{BLOCKS_TOUCHED_SUFFIX}", graph.tensors[param].name);
-                    let blocks = graph.tensor(name, &[1 + norm_partials(len)], DType::U32, TensorKind::OptimizerState);
-                    row_flags.insert(grad, RowFlags { flags, blocks, row_len, row_offset });
+                    row_flags.insert(grad, RowFlags { flags, row_len, row_offset });
+                    row_norm.listed = Some(flags);
                 }
+                row_norms.insert(grad, row_norm);
             }
             if options.clip {
-                let total: usize = backward.param_grads.iter().map(|&(_, g)| norm_partials(graph.tensors[g].len())).sum();
-                // The row kernel leaves the partial sums of untouched blocks alone, so they must
-                // keep their zeros: a dedicated buffer rather than a shared pool slot.
+                let partials_of = |g: TensorId| norm_partials(graph.tensors[g].len(), row_norms.get(&g).copied());
+                let total: usize = backward.param_grads.iter().map(|&(_, g)| partials_of(g)).sum();
+                // The listed-row kernel leaves the partial sums of unlisted rows alone, so they
+                // must keep their zeros: a dedicated buffer rather than a shared pool slot.
                 let kind = if row_flags.is_empty() { TensorKind::Scratch } else { TensorKind::OptimizerState };
                 let partials = graph.tensor("grad_norm_partials", &[total], DType::F32, kind);
                 let n = graph.tensor("grad_norm", &[1], DType::F32, TensorKind::Output);
                 let mut offset = 0;
                 for &(_, grad) in &backward.param_grads {
                     let len = graph.tensors[grad].len();
-                    let rows = row_flags.get(&grad).copied();
+                    let rows = row_norms.get(&grad).copied();
                     kernels.push(Kernel::NormPartials { len, grad, partials, offset, rows });
-                    offset += norm_partials(len);
+                    offset += norm_partials(len, rows);
                 }
                 kernels.push(Kernel::NormFinalize { count: total, partials, norm: n });
                 norm = Some(n);

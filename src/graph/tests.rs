@@ -250,8 +250,7 @@ fn loss_log_matches_per_step_reads() {
 /// change the learning rate every time and have two micro-batches each, and one is skipped for a
 /// NaN gradient. Forward passes read rows that owe weight decay, from the first step or from a
 /// later one. A resume into a fresh session takes its moments from the host, so the rows with
-/// nonzero moments must get flagged. The table spans two norm blocks, with a row across their
-/// boundary. The second case
+/// nonzero moments must get flagged. The second case
 /// splits the token embedding into two row chunks, clips the gradient, so the norm of the
 /// flagged rows enters the update, and logs only two steps of owed decay, so the log fills and
 /// empties.
@@ -272,7 +271,6 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
     use crate::graph::Session;
     use crate::model::weights::{init_random, HeadKind};
 
-    // 6144 floats: row 85 spans the two norm blocks of 4096 floats.
     let config = Gpt2Config { n_layer: 1, n_head: 2, n_embd: 48, n_positions: 16, vocab_size: 128, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
     let weights = init_random(&config, HeadKind::Classifier { num_labels: 2 }, 5).unwrap();
     let shape = BatchShape { batch: 2, seq_len: 8 };
@@ -291,7 +289,8 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
     assert_eq!(chunks, if max_binding < 24576 { 2 } else { 1 }, "{case}: row chunks of wte");
 
     // Step s uses eight tokens of the window 8 s + 60 .. 8 s + 71, which moves over the
-    // vocabulary (across row 85 at s = 2 and 3) and leaves the other rows untouched.
+    // vocabulary (across the boundary of the second case's row chunks at s = 2 and 3) and leaves
+    // the other rows untouched.
     let batch = |s: u32, half: u32| -> (Vec<u32>, Vec<i32>) {
         let ids = (0..16).map(|i| 8 * s + 60 + (i * 3 + half * 5) % 12).collect();
         (ids, vec![(s % 2) as i32, half as i32])

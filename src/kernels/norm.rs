@@ -14,7 +14,7 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 /// Must match `ELEMENTS_PER_INVOCATION` in the shader.
 const ELEMENTS_PER_INVOCATION: usize = 16;
 /// Floats reduced into one partial sum by one workgroup.
-pub(crate) const BLOCK_SIZE: usize = WORKGROUP_SIZE as usize * ELEMENTS_PER_INVOCATION;
+const BLOCK_SIZE: usize = WORKGROUP_SIZE as usize * ELEMENTS_PER_INVOCATION;
 
 static PARTIAL_SUMS: KernelEntry = KernelEntry {
     family: &FAMILY,
@@ -27,15 +27,20 @@ static FINALIZE: KernelEntry = KernelEntry {
     bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
 };
 
-static PARTIAL_SUMS_ROWS: KernelEntry = KernelEntry {
+static ROW_SUMS: KernelEntry = KernelEntry {
     family: &FAMILY,
-    entry: "norm_partial_sums_rows",
+    entry: "norm_row_sums",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
+};
+static ROW_SUMS_LISTED: KernelEntry = KernelEntry {
+    family: &FAMILY,
+    entry: "norm_row_sums_listed",
     bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite, BindingKind::ReadOnly],
 };
 
 /// Entry points and their WGSL workgroup sizes, for the translation test.
 pub(crate) const ENTRIES: &[(&KernelEntry, u32)] =
-    &[(&PARTIAL_SUMS, WORKGROUP_SIZE), (&FINALIZE, WORKGROUP_SIZE), (&PARTIAL_SUMS_ROWS, WORKGROUP_SIZE)];
+    &[(&PARTIAL_SUMS, WORKGROUP_SIZE), (&FINALIZE, WORKGROUP_SIZE), (&ROW_SUMS, WORKGROUP_SIZE), (&ROW_SUMS_LISTED, WORKGROUP_SIZE)];
 
 /// Uniform parameters, laid out as `NormParams` in the shader.
 #[repr(C)]
@@ -47,7 +52,8 @@ pub(crate) struct NormParams {
     pub partial_offset: u32,
     /// Number of partial sums to add (finalize only).
     pub count: u32,
-    pub _pad0: u32,
+    /// Floats per row ([`row_sums`] and [`listed_row_sums`] only).
+    pub row_len: u32,
 }
 
 /// Panics unless `binding` contains at least `elements` 4-byte values. Shapes come from the
@@ -79,50 +85,82 @@ pub(crate) fn partial_sums(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "grad", &grad, len);
     check_binding(label, "partials", &partials, partial_offset + partials_len(len));
-    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, _pad0: 0 };
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: 0 };
     let blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
     let groups = crate::gpu::grid_for(blocks, gpu.limits().max_compute_workgroups_per_dimension);
     gpu.dispatch(&PARTIAL_SUMS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials], groups)
 }
 
-/// Writes the partial sums of [`partial_sums`] for the blocks of `BLOCK_SIZE` floats listed in
-/// `blocks` (their count, then their numbers within the tensor), bit for bit as [`partial_sums`]
-/// writes them, and nothing for the others. For a table whose gradient is zero outside some rows,
-/// listing every block that holds such a row gives the norm of the whole tensor. That needs the
-/// partial sums of the unlisted blocks to hold +0 (never written, or written while they were zero).
-/// The dispatch reads its workgroup counts from `counts`, which the caller sets to
-/// [`blocks_workgroups`] whenever the list grows.
+/// Writes one partial sum per row of a table of rows of `row_len` floats to
+/// `partials[partial_offset..partial_offset + len / row_len]` (assigned): the sum of x^2 over the
+/// row, in index order.
 ///
 /// # Shapes
-/// - `grad`: (len)
-/// - `blocks`: (1 + [`partials_len`]`(len)`)
-/// - `partials`: at least `partial_offset + partials_len(len)`
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn partial_sums_rows(
+/// - `grad`: (len), a whole number of rows
+/// - `partials`: at least `partial_offset + len / row_len`
+pub(crate) fn row_sums(
     gpu: &Gpu,
     label: &str,
     len: usize,
+    row_len: usize,
     grad: TensorBinding<'_>,
-    blocks: TensorBinding<'_>,
+    partials: TensorBinding<'_>,
+    partial_offset: usize,
+) -> Result<Dispatch, GpuError> {
+    let rows = table_rows(label, len, row_len);
+    check_binding(label, "grad", &grad, len);
+    check_binding(label, "partials", &partials, partial_offset + rows);
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: row_len as u32 };
+    let groups = super::grid_1d(gpu, rows as u64, WORKGROUP_SIZE);
+    gpu.dispatch(&ROW_SUMS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials], groups)
+}
+
+/// Writes the partial sums of [`row_sums`] for the rows listed in `rows` (their count, then
+/// their indices), bit for bit as [`row_sums`] writes them, and nothing for the others. For a
+/// table whose gradient is zero outside the listed rows, that gives the norm of the whole table
+/// provided the partial sums of the other rows hold +0 (never written, or written while the row
+/// was zero). The dispatch reads its workgroup counts from `counts`, which the caller sets to
+/// [`rows_workgroups`] whenever the list grows.
+///
+/// # Shapes
+/// - `grad`: (len), a whole number of rows
+/// - `rows`: (1 + len / row_len)
+/// - `partials`: at least `partial_offset + len / row_len`
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn listed_row_sums(
+    gpu: &Gpu,
+    label: &str,
+    len: usize,
+    row_len: usize,
+    grad: TensorBinding<'_>,
+    rows: TensorBinding<'_>,
     partials: TensorBinding<'_>,
     partial_offset: usize,
     counts: &wgpu::Buffer,
 ) -> Result<Dispatch, GpuError> {
+    let count = table_rows(label, len, row_len);
     check_binding(label, "grad", &grad, len);
-    check_binding(label, "blocks", &blocks, 1 + partials_len(len));
-    check_binding(label, "partials", &partials, partial_offset + partials_len(len));
-    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, _pad0: 0 };
-    let max_blocks = u32::try_from(partials_len(len)).unwrap_or(u32::MAX);
-    let groups = crate::gpu::grid_for(max_blocks, gpu.limits().max_compute_workgroups_per_dimension);
-    Ok(gpu.dispatch(&PARTIAL_SUMS_ROWS, label, Some(bytemuck::bytes_of(&p)), &[grad, partials, blocks], groups)?.with_indirect(counts))
+    check_binding(label, "rows", &rows, 1 + count);
+    check_binding(label, "partials", &partials, partial_offset + count);
+    let p = NormParams { len: len as u32, partial_offset: partial_offset as u32, count: 0, row_len: row_len as u32 };
+    let groups = super::grid_1d(gpu, count as u64, WORKGROUP_SIZE);
+    Ok(gpu.dispatch(&ROW_SUMS_LISTED, label, Some(bytemuck::bytes_of(&p)), &[grad, partials, rows], groups)?.with_indirect(counts))
 }
 
-/// Returns the workgroup counts of a [`partial_sums_rows`] dispatch over `listed` blocks.
-pub(crate) fn blocks_workgroups(gpu: &Gpu, listed: usize) -> [u32; 3] {
+/// Returns the number of rows of `row_len` floats in a table of `len` floats, which must be a
+/// whole number.
+fn table_rows(label: &str, len: usize, row_len: usize) -> usize {
+    assert!(row_len > 0, "`{label}`: rows of 0 floats");
+    assert!(len.is_multiple_of(row_len), "`{label}`: {len} floats are not a whole number of rows of {row_len}");
+    len / row_len
+}
+
+/// Returns the workgroup counts of a [`listed_row_sums`] dispatch over `listed` rows.
+pub(crate) fn rows_workgroups(gpu: &Gpu, listed: usize) -> [u32; 3] {
     if listed == 0 {
         return [0, 1, 1];
     }
-    crate::gpu::grid_for(u32::try_from(listed).unwrap_or(u32::MAX), gpu.limits().max_compute_workgroups_per_dimension)
+    super::grid_1d(gpu, listed as u64, WORKGROUP_SIZE)
 }
 
 /// Writes `norm[0] = sqrt(sum of partials[0..count])` (assigned), added in a fixed order by one
@@ -140,7 +178,7 @@ pub(crate) fn finalize(
 ) -> Result<Dispatch, GpuError> {
     check_binding(label, "partials", &partials, count);
     check_binding(label, "norm", &norm, 1);
-    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, _pad0: 0 };
+    let p = NormParams { len: 0, partial_offset: 0, count: count as u32, row_len: 0 };
     gpu.dispatch(&FINALIZE, label, Some(bytemuck::bytes_of(&p)), &[partials, norm], [1, 1, 1])
 }
 
@@ -213,56 +251,54 @@ mod tests {
         assert_eq!(first.to_bits(), second.to_bits(), "global norm differs between runs: {first} vs {second}");
     }
 
-    /// A table of 131,088 floats (33 blocks, the last one partial) lists every third block and the
-    /// last one, in reverse order, and holds NaN in the others. The row kernel reads only the
-    /// listed blocks, leaves the partial sums of the others at 0, and matches their norm. A
-    /// second tensor without a list joins the same total. With the NaN blocks set to 0, the dense
-    /// kernel gives the same 33 partial sums bit for bit; a different order of the additions
-    /// would change some of them.
+    /// A table of 203 rows of 44 floats lists every third row, in reverse order, and has NaN
+    /// in the others. The listed-row kernel reads only the listed rows, leaves the partial sums
+    /// of the others at 0, and matches their norm. A second tensor without rows joins the same
+    /// total. With the NaN rows set to 0, the dense row kernel gives the same 203 partial sums bit
+    /// for bit.
     #[test]
-    fn row_norm_reads_listed_blocks_only() {
+    fn listed_row_sums_match_dense_rows() {
         let Some(gpu) = test_gpu().filter(|gpu| gpu.indirect_dispatch()) else { return };
-        let mut table = random_vec(2731 * 48, 11);
-        let blocks = partials_len(table.len());
-        assert_eq!(blocks, 33);
-        let listed: Vec<u32> = (0..blocks as u32).filter(|b| b % 3 == 0 || *b == 32).rev().collect();
-        for (block, values) in table.chunks_mut(BLOCK_SIZE).enumerate() {
-            if !listed.contains(&(block as u32)) {
+        let (rows, row_len) = (203, 44);
+        let mut table = random_vec(rows * row_len, 11);
+        let listed: Vec<u32> = (0..rows as u32).filter(|r| r % 3 == 0).rev().collect();
+        for (row, values) in table.chunks_mut(row_len).enumerate() {
+            if !listed.contains(&(row as u32)) {
                 values.fill(f32::NAN);
             }
         }
         let other = random_vec(1000, 12);
-        let count = blocks + partials_len(other.len());
-        let mut initial = vec![0.0f32; blocks];
+        let count = rows + partials_len(other.len());
+        let mut initial = vec![0.0f32; rows];
         initial.resize(count, f32::NAN);
         let partials = gpu.upload("partials", &initial).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
         let grad = gpu.upload("grad", &table).unwrap();
         let mut list = vec![listed.len() as u32];
         list.extend(&listed);
-        list.resize(1 + blocks, 0);
-        let block_list = gpu.upload("blocks", &list).unwrap();
+        list.resize(1 + rows, 0);
+        let row_list = gpu.upload("rows", &list).unwrap();
         let counts = gpu.indirect_buffer("norm workgroups");
-        gpu.write(&counts, 0, &blocks_workgroups(gpu, listed.len()));
+        gpu.write(&counts, 0, &rows_workgroups(gpu, listed.len()));
         let plain = gpu.upload("other", &other).unwrap();
         let dispatches = vec![
-            partial_sums_rows(gpu, "rows", table.len(), (&grad).into(), (&block_list).into(), (&partials).into(), 0, &counts).unwrap(),
-            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), blocks).unwrap(),
+            listed_row_sums(gpu, "rows", table.len(), row_len, (&grad).into(), (&row_list).into(), (&partials).into(), 0, &counts).unwrap(),
+            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), rows).unwrap(),
             finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
         ];
         gpu.run("row norm test", &dispatches).unwrap();
         let got = gpu.read::<f32>(&norm, 0, 1).unwrap()[0];
         let listed_values: Vec<f64> = table.iter().filter(|x| !x.is_nan()).map(|&x| f64::from(x)).collect();
         let want = reference::global_norm(&[&listed_values, &to_f64(&other)]);
-        assert_close("norm of the listed blocks and a plain tensor", &[got], &[want], ATOL, RTOL);
+        assert_close("norm of the listed rows and a plain tensor", &[got], &[want], ATOL, RTOL);
 
-        let by_rows: Vec<u32> = gpu.read(&partials, 0, blocks).unwrap();
+        let by_list: Vec<u32> = gpu.read(&partials, 0, rows).unwrap();
         let zeroed: Vec<f32> = table.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect();
         let zeroed_grad = gpu.upload("zeroed grad", &zeroed).unwrap();
-        let dense = partial_sums(gpu, "dense", zeroed.len(), (&zeroed_grad).into(), (&partials).into(), 0).unwrap();
+        let dense = row_sums(gpu, "dense", zeroed.len(), row_len, (&zeroed_grad).into(), (&partials).into(), 0).unwrap();
         gpu.run("row norm test, dense", &[dense]).unwrap();
-        let by_dense: Vec<u32> = gpu.read(&partials, 0, blocks).unwrap();
-        let first_difference = by_rows.iter().zip(&by_dense).position(|(a, b)| a != b);
-        assert_eq!(first_difference, None, "the row and dense kernels give different partial sums at that block");
+        let by_rows: Vec<u32> = gpu.read(&partials, 0, rows).unwrap();
+        let first_difference = by_list.iter().zip(&by_rows).position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "the listed and dense row kernels give different partial sums at that row");
     }
 }
