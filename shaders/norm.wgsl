@@ -23,9 +23,10 @@ const ELEMENTS_PER_INVOCATION: u32 = 16u;
 const BLOCK_SIZE: u32 = WORKGROUP_SIZE * ELEMENTS_PER_INVOCATION;
 
 struct NormParams {
-    // norm_partial_sums: floats in the gradient tensor.
+    // All but norm_finalize: floats in the gradient tensor.
     len: u32,
-    // norm_partial_sums: index in partials of the tensor's first block.
+    // All but norm_finalize: index in partials of the tensor's first partial sum (of its first
+    // block, or of its first row).
     partial_offset: u32,
     // norm_finalize: number of partial sums to add.
     count: u32,

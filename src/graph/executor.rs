@@ -598,8 +598,8 @@ impl<'g> Session<'g> {
         Ok(tables)
     }
 
-    /// Flags the rows of the tokens of the batch about to train and uploads the newly listed rows
-    /// and blocks, before the step that gives those rows a gradient.
+    /// Flags the rows of the tokens of the batch about to train and uploads the newly listed
+    /// rows, before the step that gives those rows a gradient.
     fn flag_batch_rows(&self) {
         let tokens = self.batch_tokens.borrow();
         for table in self.touched_rows.borrow_mut().iter_mut() {

@@ -341,8 +341,9 @@ impl Plan {
 
         let mut norm = None;
         if options.train && !backward.param_grads.is_empty() {
-            // Row flags of the tables whose gradient reaches only the batch's rows; the AdamW
-            // row kernel reads whole vec4s of one row.
+            // The tables whose gradient reaches only the batch's rows get a norm summed per row
+            // and, with row flags on, a list of flagged rows; the AdamW row kernel reads whole
+            // vec4s of one row.
             let mut row_flags = HashMap::new();
             let mut row_norms = HashMap::new();
             for &(param, grad) in &backward.param_grads {

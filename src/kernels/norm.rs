@@ -1,8 +1,10 @@
 //! Global L2 norm of the gradients (`shaders/norm.wgsl`), the input of clipping by global norm.
 //!
-//! Each gradient tensor is reduced to partial sums of squares with [`partial_sums`], all tensors
-//! writing into one `partials` buffer at their own offsets (sized with [`partials_len`]). Then
-//! [`finalize`] adds the partials in a fixed order and takes the square root.
+//! Each gradient tensor is reduced to partial sums of squares, all tensors writing into one
+//! `partials` buffer at their own offsets. [`partial_sums`] writes one per block of floats (their
+//! count is [`partials_len`]). For a table whose gradient reaches only some rows, [`row_sums`] or
+//! [`listed_row_sums`] writes one per row. Then [`finalize`] adds the partials in a fixed order
+//! and takes the square root.
 
 use crate::gpu::{BindingKind, Dispatch, Gpu, GpuError, KernelEntry, ShaderFamily, TensorBinding};
 
@@ -46,9 +48,9 @@ pub(crate) const ENTRIES: &[(&KernelEntry, u32)] =
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 pub(crate) struct NormParams {
-    /// Floats in the gradient tensor (partial sums only).
+    /// Floats in the gradient tensor (all but finalize).
     pub len: u32,
-    /// Index in `partials` of the tensor's first partial sum (partial sums only).
+    /// Index in `partials` of the tensor's first partial sum (all but finalize).
     pub partial_offset: u32,
     /// Number of partial sums to add (finalize only).
     pub count: u32,
@@ -242,6 +244,34 @@ mod tests {
         }
     }
 
+    /// The dense row kernel, the only one on adapters without indirect dispatch, after a block
+    /// tensor so that its partial sums start at a nonzero offset: each row sum, and the norm of
+    /// both, against f64. Every slot starts as NaN, so a row the kernel misses poisons the norm.
+    #[test]
+    fn row_sums_match_reference() {
+        let Some(gpu) = test_gpu() else { return };
+        let (rows, row_len) = (301, 37);
+        let table = random_vec(rows * row_len, 21);
+        let other = random_vec(5000, 22);
+        let offset = partials_len(other.len());
+        let count = offset + rows;
+        let partials = gpu.upload("partials", &vec![f32::NAN; count]).unwrap();
+        let norm = gpu.storage_buffer("norm", 4).unwrap();
+        let (grad, plain) = (gpu.upload("grad", &table).unwrap(), gpu.upload("other", &other).unwrap());
+        let dispatches = vec![
+            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), 0).unwrap(),
+            row_sums(gpu, "rows", table.len(), row_len, (&grad).into(), (&partials).into(), offset).unwrap(),
+            finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
+        ];
+        gpu.run("row sums test", &dispatches).unwrap();
+        let got: Vec<f32> = gpu.read::<f32>(&partials, 0, count).unwrap()[offset..].to_vec();
+        let want: Vec<f64> = table.chunks(row_len).map(|row| row.iter().map(|&x| f64::from(x) * f64::from(x)).sum()).collect();
+        assert_close("row sums of squares", &got, &want, ATOL, RTOL);
+        let total = gpu.read::<f32>(&norm, 0, 1).unwrap()[0];
+        let want_norm = reference::global_norm(&[&to_f64(&other), &to_f64(&table)]);
+        assert_close("norm of a block tensor and a row table", &[total], &[want_norm], ATOL, RTOL);
+    }
+
     #[test]
     fn global_norm_is_bitwise_repeatable() {
         let Some(gpu) = test_gpu() else { return };
@@ -267,10 +297,12 @@ mod tests {
                 values.fill(f32::NAN);
             }
         }
+        // The plain tensor's partial sums come first, so the table's start at a nonzero offset.
         let other = random_vec(1000, 12);
-        let count = rows + partials_len(other.len());
-        let mut initial = vec![0.0f32; rows];
-        initial.resize(count, f32::NAN);
+        let offset = partials_len(other.len());
+        let count = offset + rows;
+        let mut initial = vec![f32::NAN; offset];
+        initial.resize(count, 0.0);
         let partials = gpu.upload("partials", &initial).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
         let grad = gpu.upload("grad", &table).unwrap();
@@ -282,8 +314,8 @@ mod tests {
         gpu.write(&counts, 0, &rows_workgroups(gpu, listed.len()));
         let plain = gpu.upload("other", &other).unwrap();
         let dispatches = vec![
-            listed_row_sums(gpu, "rows", table.len(), row_len, (&grad).into(), (&row_list).into(), (&partials).into(), 0, &counts).unwrap(),
-            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), rows).unwrap(),
+            listed_row_sums(gpu, "rows", table.len(), row_len, (&grad).into(), (&row_list).into(), (&partials).into(), offset, &counts).unwrap(),
+            partial_sums(gpu, "plain", other.len(), (&plain).into(), (&partials).into(), 0).unwrap(),
             finalize(gpu, "finalize", count, (&partials).into(), (&norm).into()).unwrap(),
         ];
         gpu.run("row norm test", &dispatches).unwrap();
@@ -292,12 +324,12 @@ mod tests {
         let want = reference::global_norm(&[&listed_values, &to_f64(&other)]);
         assert_close("norm of the listed rows and a plain tensor", &[got], &[want], ATOL, RTOL);
 
-        let by_list: Vec<u32> = gpu.read(&partials, 0, rows).unwrap();
+        let by_list: Vec<u32> = gpu.read::<u32>(&partials, 0, count).unwrap()[offset..].to_vec();
         let zeroed: Vec<f32> = table.iter().map(|&x| if x.is_nan() { 0.0 } else { x }).collect();
         let zeroed_grad = gpu.upload("zeroed grad", &zeroed).unwrap();
-        let dense = row_sums(gpu, "dense", zeroed.len(), row_len, (&zeroed_grad).into(), (&partials).into(), 0).unwrap();
+        let dense = row_sums(gpu, "dense", zeroed.len(), row_len, (&zeroed_grad).into(), (&partials).into(), offset).unwrap();
         gpu.run("row norm test, dense", &[dense]).unwrap();
-        let by_rows: Vec<u32> = gpu.read(&partials, 0, rows).unwrap();
+        let by_rows: Vec<u32> = gpu.read::<u32>(&partials, 0, count).unwrap()[offset..].to_vec();
         let first_difference = by_list.iter().zip(&by_rows).position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "the listed and dense row kernels give different partial sums at that row");
     }
