@@ -63,7 +63,7 @@ impl Dispatch {
     }
 
     /// Makes the dispatch read its workgroup counts (three u32) from `counts`, a buffer made by
-    /// [`Gpu::indirect_buffer`], each time it is recorded; `workgroups` then keeps the largest
+    /// [`Gpu::indirect_buffer`], each time it is recorded. `workgroups` then keeps the largest
     /// counts the dispatch was sized for.
     pub fn with_indirect(mut self, counts: &wgpu::Buffer) -> Dispatch {
         self.indirect = Some(counts.clone());

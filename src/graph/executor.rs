@@ -159,6 +159,8 @@ pub struct Session<'g> {
 
 /// Optimizer steps the decay log holds; when it is full, every row settles its owed decay and
 /// the log starts again.
+/// NOTE: that settle applies up to this many factors to every unflagged row in one dispatch. Not
+/// measured: by estimate a few seconds on lavapipe for GPT-2 small, once per 1,024 steps.
 const DECAY_LOG_STEPS: u32 = 1024;
 
 /// The host copy of one table's row flags (see [`RowFlags`](super::plan::RowFlags)), which the host sets and uploads

@@ -342,8 +342,8 @@ impl Plan {
         let mut norm = None;
         if options.train && !backward.param_grads.is_empty() {
             // The tables whose gradient reaches only the batch's rows get a norm summed per row
-            // and, with row flags on, a list of flagged rows; the AdamW row kernel reads whole
-            // vec4s of one row.
+            // and, with row flags on, a list of flagged rows. The AdamW row kernel reads whole
+            // vec4s of one row, so only rows of a multiple of 4 floats get the list.
             let mut row_flags = HashMap::new();
             let mut row_norms = HashMap::new();
             for &(param, grad) in &backward.param_grads {

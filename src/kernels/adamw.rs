@@ -11,34 +11,21 @@ pub(crate) const WORKGROUP_SIZE: u32 = 256;
 /// Floats per invocation: the shader handles one vec4.
 const ELEMENTS_PER_INVOCATION: u64 = 4;
 
-static UPDATE: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "adamw_update",
-    bindings: &[
-        BindingKind::Uniform,
-        BindingKind::ReadOnly,
-        BindingKind::ReadOnly,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-    ],
-};
+/// Bindings of `adamw_update_rows`: params, step, norm, param, grad, m, v, rows.
+/// `adamw_update` binds all but the last.
+const BINDINGS: [BindingKind; 8] = [
+    BindingKind::Uniform,
+    BindingKind::ReadOnly,
+    BindingKind::ReadOnly,
+    BindingKind::ReadWrite,
+    BindingKind::ReadWrite,
+    BindingKind::ReadWrite,
+    BindingKind::ReadWrite,
+    BindingKind::ReadOnly,
+];
 
-static UPDATE_ROWS: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "adamw_update_rows",
-    bindings: &[
-        BindingKind::Uniform,
-        BindingKind::ReadOnly,
-        BindingKind::ReadOnly,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-        BindingKind::ReadWrite,
-        BindingKind::ReadOnly,
-    ],
-};
+static UPDATE: KernelEntry = KernelEntry { family: &FAMILY, entry: "adamw_update", bindings: BINDINGS.split_at(7).0 };
+static UPDATE_ROWS: KernelEntry = KernelEntry { family: &FAMILY, entry: "adamw_update_rows", bindings: &BINDINGS };
 
 /// Entry points and their WGSL workgroup sizes, for the translation test.
 pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&UPDATE, WORKGROUP_SIZE), (&UPDATE_ROWS, WORKGROUP_SIZE)];
@@ -151,10 +138,7 @@ pub(crate) fn update_rows(
 
 /// Returns the workgroup counts of an [`update_rows`] dispatch over `listed` rows of `row_len` floats.
 pub(crate) fn rows_workgroups(gpu: &Gpu, listed: usize, row_len: usize) -> [u32; 3] {
-    if listed == 0 {
-        return [0, 1, 1];
-    }
-    super::grid_1d(gpu, (listed * row_len) as u64 / ELEMENTS_PER_INVOCATION, WORKGROUP_SIZE)
+    super::indirect_grid_1d(gpu, (listed * row_len) as u64 / ELEMENTS_PER_INVOCATION, WORKGROUP_SIZE)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -55,9 +55,9 @@ pub(crate) fn list(end: u32, rows: &[(u32, u32)]) -> Vec<u32> {
 
 /// Applies to each row named in `list` (see [`list`]) the weight decay of the logged steps it
 /// owes: one factor `1 - lr * weight_decay` per step, in step order. Steps that AdamW skipped
-/// (with `max_norm > 0`, those whose logged norm is NaN or infinite) are skipped here too. The dispatch
-/// reads its workgroup counts from `counts`, which the caller sets to [`rows_workgroups`] for the
-/// list it writes; the list may name at most `max_rows` rows.
+/// (with `max_norm > 0`, those whose logged norm is NaN or infinite) are skipped here too. The
+/// dispatch reads its workgroup counts from `counts`, which the caller sets to [`rows_workgroups`]
+/// for the list it writes. The list may name at most `max_rows` rows.
 ///
 /// # Shapes
 /// - `steps`: (S, 2), the (lr, norm) of each logged step
@@ -91,8 +91,5 @@ pub(crate) fn decay_rows(
 /// Returns the workgroup counts of a [`decay_rows`] dispatch over a list of `listed` rows of `row_len`
 /// floats.
 pub(crate) fn rows_workgroups(gpu: &Gpu, listed: usize, row_len: usize) -> [u32; 3] {
-    if listed == 0 {
-        return [0, 1, 1];
-    }
-    super::grid_1d(gpu, (listed * row_len / 4) as u64, WORKGROUP_SIZE)
+    super::indirect_grid_1d(gpu, (listed * row_len / 4) as u64, WORKGROUP_SIZE)
 }

@@ -84,6 +84,15 @@ pub(crate) fn grid_1d(gpu: &crate::gpu::Gpu, items: u64, workgroup_size: u32) ->
     crate::gpu::grid_for(groups, gpu.limits().max_compute_workgroups_per_dimension)
 }
 
+/// Workgroup counts for an indirect dispatch of 1-D work (see [`grid_1d`]), where no work at all
+/// is `[0, 1, 1]`.
+pub(crate) fn indirect_grid_1d(gpu: &crate::gpu::Gpu, items: u64, workgroup_size: u32) -> [u32; 3] {
+    if items == 0 {
+        return [0, 1, 1];
+    }
+    grid_1d(gpu, items, workgroup_size)
+}
+
 /// Compiles the pipeline of every kernel entry point on `gpu`, so a shader that the adapter's
 /// driver rejects is found before a run needs it. Returns the number of pipelines.
 pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::GpuError> {

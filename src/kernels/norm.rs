@@ -18,27 +18,15 @@ const ELEMENTS_PER_INVOCATION: usize = 16;
 /// Floats reduced into one partial sum by one workgroup.
 const BLOCK_SIZE: usize = WORKGROUP_SIZE as usize * ELEMENTS_PER_INVOCATION;
 
-static PARTIAL_SUMS: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "norm_partial_sums",
-    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
-};
-static FINALIZE: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "norm_finalize",
-    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
-};
+/// Bindings of `norm_row_sums_listed`: params, input, output, rows. The other entry points bind
+/// all but the last.
+const BINDINGS: [BindingKind; 4] = [BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite, BindingKind::ReadOnly];
+const INPUT_OUTPUT: &[BindingKind] = BINDINGS.split_at(3).0;
 
-static ROW_SUMS: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "norm_row_sums",
-    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite],
-};
-static ROW_SUMS_LISTED: KernelEntry = KernelEntry {
-    family: &FAMILY,
-    entry: "norm_row_sums_listed",
-    bindings: &[BindingKind::Uniform, BindingKind::ReadOnly, BindingKind::ReadWrite, BindingKind::ReadOnly],
-};
+static PARTIAL_SUMS: KernelEntry = KernelEntry { family: &FAMILY, entry: "norm_partial_sums", bindings: INPUT_OUTPUT };
+static FINALIZE: KernelEntry = KernelEntry { family: &FAMILY, entry: "norm_finalize", bindings: INPUT_OUTPUT };
+static ROW_SUMS: KernelEntry = KernelEntry { family: &FAMILY, entry: "norm_row_sums", bindings: INPUT_OUTPUT };
+static ROW_SUMS_LISTED: KernelEntry = KernelEntry { family: &FAMILY, entry: "norm_row_sums_listed", bindings: &BINDINGS };
 
 /// Entry points and their WGSL workgroup sizes, for the translation test.
 pub(crate) const ENTRIES: &[(&KernelEntry, u32)] =
@@ -159,10 +147,7 @@ fn table_rows(label: &str, len: usize, row_len: usize) -> usize {
 
 /// Returns the workgroup counts of a [`listed_row_sums`] dispatch over `listed` rows.
 pub(crate) fn rows_workgroups(gpu: &Gpu, listed: usize) -> [u32; 3] {
-    if listed == 0 {
-        return [0, 1, 1];
-    }
-    super::grid_1d(gpu, listed as u64, WORKGROUP_SIZE)
+    super::indirect_grid_1d(gpu, listed as u64, WORKGROUP_SIZE)
 }
 
 /// Writes `norm[0] = sqrt(sum of partials[0..count])` (assigned), added in a fixed order by one
