@@ -24,6 +24,15 @@
 //             attention_backward_query   tile of (query, channel) of dq
 //             attention_backward_key_value tile of (key, channel) of dk and dv
 //   dq, dk and dv are assigned or accumulated into dqkv.
+// On adapters where the subgroup matrix products run (src/kernels/attention.rs), the launcher
+// computes the six products with them instead, batched over (b, h), and uses only the two row
+// kernels here: the forward softmax then scales the raw q k^T, and the backward softmax scales
+// dscores, since the products apply no factor. Those products sum over every key or query,
+// multiplying the masked zeros of att and dscores as well, so a non-finite value in q, k, v or
+// dout of any token reaches every output of its (b, h), where the tile kernels stop at the end
+// of their block; either way the step's loss or gradient norm is not finite. Rows of att and datt are att_stride floats apart
+// (T rounded up to a multiple of 4, for the products' vec4 loads); the row kernels zero the
+// padding.
 // Every output element is written by one invocation that sums in a fixed order, so two runs give
 // bitwise-identical results. Right padding needs no extra mask: padding follows the real tokens,
 // and causal attention never looks ahead.
@@ -46,15 +55,25 @@ struct AttentionParams {
     accumulate: u32,
     // 1 / sqrt(HS).
     scale: f32,
+    // Floats between two rows of att and datt: T rounded up to a multiple of 4. The row kernels
+    // write zeros after the last key, so the padding reads as zero weight.
+    att_stride: u32,
+    // Factor on the raw scores in attention_forward_softmax: 1 when attention_forward_scores has
+    // scaled them, `scale` when the launcher's batched products wrote the plain q k^T.
+    softmax_scale: f32,
+    // Factor on dscores in attention_backward_softmax: 1 when the query and key kernels apply
+    // `scale`, `scale` when the launcher's batched products compute dq and dk.
+    dscores_scale: f32,
     _pad0: u32,
+    _pad1: u32,
 }
 
 // Each slot is declared once and shared by the entry points; an entry point binds a prefix of the
 // slots, some of which it does not read.
 @group(0) @binding(0) var<uniform> params: AttentionParams;
 @group(0) @binding(1) var<storage, read> qkv: array<f32>;               // (B, T, 3C)
-@group(0) @binding(2) var<storage, read_write> att: array<f32>;         // (B, NH, T, T), written by the forward only
-@group(0) @binding(3) var<storage, read_write> out_or_datt: array<f32>; // forward: out (B, T, C); backward: datt (B, NH, T, T)
+@group(0) @binding(2) var<storage, read_write> att: array<f32>;         // (B, NH, T, att_stride), written by the forward only
+@group(0) @binding(3) var<storage, read_write> out_or_datt: array<f32>; // forward: out (B, T, C); backward: datt (B, NH, T, att_stride)
 @group(0) @binding(4) var<storage, read> dout: array<f32>;              // (B, T, C)
 @group(0) @binding(5) var<storage, read_write> dqkv: array<f32>;        // (B, T, 3C)
 
@@ -73,9 +92,9 @@ fn btc_offset(b: u32, t: u32, h: u32) -> u32 {
     return (b * params.seq_len + t) * params.channels + h * params.head_size;
 }
 
-// Offset of row (b, h, t) in a (B, NH, T, T) tensor.
+// Offset of row (b, h, t) in a (B, NH, T, att_stride) tensor.
 fn att_row(b: u32, h: u32, t: u32) -> u32 {
-    return ((b * params.num_heads + h) * params.seq_len + t) * params.seq_len;
+    return ((b * params.num_heads + h) * params.seq_len + t) * params.att_stride;
 }
 
 fn tile_count(n: u32) -> u32 {
@@ -198,15 +217,15 @@ fn attention_forward_softmax(@builtin(global_invocation_id) gid: vec3<u32>,
     }
     // row = (b * NH + h) * T + t; its keys 0..=t hold scores.
     let t = row % t_len;
-    let start = row * t_len;
+    let start = row * params.att_stride;
     // Subtract the row maximum so that exp cannot overflow.
-    var row_max = att[start];
+    var row_max = att[start] * params.softmax_scale;
     for (var u = 1u; u <= t; u++) {
-        row_max = max(row_max, att[start + u]);
+        row_max = max(row_max, att[start + u] * params.softmax_scale);
     }
     var sum = 0.0;
     for (var u = 0u; u <= t; u++) {
-        let e = exp(att[start + u] - row_max);
+        let e = exp(att[start + u] * params.softmax_scale - row_max);
         att[start + u] = e;
         sum += e;
     }
@@ -214,8 +233,8 @@ fn attention_forward_softmax(@builtin(global_invocation_id) gid: vec3<u32>,
     for (var u = 0u; u <= t; u++) {
         att[start + u] = att[start + u] * inverse_sum;
     }
-    // Causal mask: keys after the query get exactly zero weight.
-    for (var u = t + 1u; u < t_len; u++) {
+    // Causal mask: keys after the query, and the row's padding, get exactly zero weight.
+    for (var u = t + 1u; u < params.att_stride; u++) {
         att[start + u] = 0.0;
     }
 }
@@ -313,16 +332,16 @@ fn attention_backward_softmax(@builtin(global_invocation_id) gid: vec3<u32>,
         return;
     }
     let t = row % t_len;
-    let start = row * t_len;
+    let start = row * params.att_stride;
     // sum_j att[t,j] * datt[t,j], the softmax Jacobian's projection term.
     var weighted = 0.0;
     for (var u = 0u; u <= t; u++) {
         weighted = fma(att[start + u], out_or_datt[start + u], weighted);
     }
     for (var u = 0u; u <= t; u++) {
-        out_or_datt[start + u] = att[start + u] * (out_or_datt[start + u] - weighted);
+        out_or_datt[start + u] = att[start + u] * (out_or_datt[start + u] - weighted) * params.dscores_scale;
     }
-    for (var u = t + 1u; u < t_len; u++) {
+    for (var u = t + 1u; u < params.att_stride; u++) {
         out_or_datt[start + u] = 0.0;
     }
 }
@@ -390,7 +409,7 @@ fn attention_backward_key_value(@builtin(global_invocation_id) gid: vec3<u32>,
     // dk[u, d] = scale * sum_t dscores[t, u] * q[t, d].
     var acc: array<array<f32, TILE>, TILE>;
     for (var t = block.row0; t < params.seq_len; t++) {
-        let row = head + t * params.seq_len;
+        let row = head + t * params.att_stride;
         let q_at = qkv_offset(block.b, t, 0u, block.h);
         var ds: array<f32, TILE>;
         var q: array<f32, TILE>;
@@ -419,7 +438,7 @@ fn attention_backward_key_value(@builtin(global_invocation_id) gid: vec3<u32>,
     // dv[u, d] = sum_t att[t, u] * dout[t, d].
     acc = array<array<f32, TILE>, TILE>();
     for (var t = block.row0; t < params.seq_len; t++) {
-        let row = head + t * params.seq_len;
+        let row = head + t * params.att_stride;
         let g_at = btc_offset(block.b, t, block.h);
         var a: array<f32, TILE>;
         var g: array<f32, TILE>;

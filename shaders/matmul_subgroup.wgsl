@@ -10,7 +10,10 @@
 // The launcher (src/kernels/matmul.rs) uses these entry points only when the subgroup size is
 // exactly LANES and every operand row that is read starts on a 16-byte boundary, with vec4-sized
 // lengths along rows: the `vec4_loads` condition of shaders/matmul.wgsl. `vec4_loads` is ignored
-// here.
+// here. Batched products (the attention products) may also have a reduction length (nn) that
+// is not a multiple of 4 when the lhs rows are padded with zeros to one, and a row count (tn)
+// that is not, when the lhs rows are padded to one (with any values); see matmul_nn and
+// matmul_tn.
 //
 // Each subgroup computes a BLOCK_ROWS x BLOCK_COLS block of the result. Lane L keeps the block's
 // columns 4 L + 32 q + 0..3 (q = 0..3) of every block row in registers: acc[4 r + q] holds row r,
@@ -54,7 +57,8 @@ const BLOCK_COLS: u32 = 128u;
 // Columns between two column quads of one lane: LANES quads of 4 columns.
 const QUAD_STRIDE: u32 = 32u;
 
-// Field names and order as in shaders/matmul.wgsl and `MatmulParams` in the launcher.
+// Field names and order as in `MatmulParams` in the launcher. shaders/matmul.wgsl declares the
+// first twelve fields the same way; the batch fields are read only here.
 struct MatmulParams {
     rows: u32,
     cols: u32,
@@ -68,6 +72,18 @@ struct MatmulParams {
     accumulate: u32,
     has_bias: u32,
     vec4_loads: u32,
+    // Batched products (the attention products of src/kernels/attention.rs): the dispatch covers
+    // `products` products of the shape above, product z at batch z / heads and head z % heads,
+    // and each operand's offset grows by its batch stride per batch and its head stride per head.
+    // A single product has products = heads = 1 and zero strides.
+    products: u32,
+    heads: u32,
+    lhs_batch_stride: u32,
+    lhs_head_stride: u32,
+    rhs_batch_stride: u32,
+    rhs_head_stride: u32,
+    out_batch_stride: u32,
+    out_head_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: MatmulParams;
@@ -81,19 +97,37 @@ struct Origin {
     row0: u32,
     col0: u32,
     inside: bool,
+    // Offsets of the block's product in each operand: params' offsets plus its batch and head
+    // strides.
+    lhs_offset: u32,
+    rhs_offset: u32,
+    out_offset: u32,
 }
 
 // Subgroup g of the dispatch (over the 2-D grid that spreads 1-D work past 65535 workgroups per
-// dimension) covers row block g / col_blocks and column block g % col_blocks; subgroups past the
+// dimension) covers product z = g / b, where b is the number of blocks of one product, and in it
+// block k = g % b: row block k / col_blocks and column block k % col_blocks. Subgroups past the
 // last block repeat the last one's loads.
 fn block_origin(gid: vec3<u32>, groups: vec3<u32>) -> Origin {
     let flat = gid.x + gid.y * groups.x * WORKGROUP_SIZE;
     let col_blocks = (params.cols + BLOCK_COLS - 1u) / BLOCK_COLS;
-    let count = col_blocks * ((params.rows + BLOCK_ROWS - 1u) / BLOCK_ROWS);
+    let per_product = col_blocks * ((params.rows + BLOCK_ROWS - 1u) / BLOCK_ROWS);
+    let count = per_product * params.products;
     // The same for every lane of the subgroup, which keeps the block uniform there.
     let g = subgroupBroadcast(flat / LANES, 0u);
     let clamped = min(g, count - 1u);
-    return Origin(clamped / col_blocks * BLOCK_ROWS, clamped % col_blocks * BLOCK_COLS, g < count);
+    let z = clamped / per_product;
+    let block = clamped % per_product;
+    let batch = z / params.heads;
+    let head = z % params.heads;
+    return Origin(
+        block / col_blocks * BLOCK_ROWS,
+        block % col_blocks * BLOCK_COLS,
+        g < count,
+        params.lhs_offset + batch * params.lhs_batch_stride + head * params.lhs_head_stride,
+        params.rhs_offset + batch * params.rhs_batch_stride + head * params.rhs_head_stride,
+        params.out_offset + batch * params.out_batch_stride + head * params.out_head_stride,
+    );
 }
 
 // Four reduction steps of one accumulator quad: `v` holds the lhs value of its row at the four
@@ -117,12 +151,12 @@ fn lane_bias(origin: Origin, lane: u32) -> array<vec4<f32>, 4> {
 }
 
 // Writes (or adds) the in-bounds part of `values` at result row `row`, columns col..col + 3.
-fn store_quad(row: u32, col: u32, values: vec4<f32>) {
+fn store_quad(offset: u32, row: u32, col: u32, values: vec4<f32>) {
     for (var c = 0u; c < 4u; c++) {
         if (col + c >= params.cols) {
             return;
         }
-        let index = row * params.out_stride + params.out_offset + col + c;
+        let index = row * params.out_stride + offset + col + c;
         var value = values[c];
         if (params.accumulate == 1u) {
             value += result[index];
@@ -139,14 +173,17 @@ fn store_row(origin: Origin, lane: u32, r: u32, q0: vec4<f32>, q1: vec4<f32>, q2
         return;
     }
     let col = origin.col0 + lane * 4u;
-    store_quad(row, col, q0 + offsets[0]);
-    store_quad(row, col + QUAD_STRIDE, q1 + offsets[1]);
-    store_quad(row, col + 2u * QUAD_STRIDE, q2 + offsets[2]);
-    store_quad(row, col + 3u * QUAD_STRIDE, q3 + offsets[3]);
+    store_quad(origin.out_offset, row, col, q0 + offsets[0]);
+    store_quad(origin.out_offset, row, col + QUAD_STRIDE, q1 + offsets[1]);
+    store_quad(origin.out_offset, row, col + 2u * QUAD_STRIDE, q2 + offsets[2]);
+    store_quad(origin.out_offset, row, col + 3u * QUAD_STRIDE, q3 + offsets[3]);
 }
 
 // Each iteration covers four reduction steps: a<m> holds this lane's lhs row lane + 8 m at the four
-// steps, b<s><q> this lane's column quad q at step s.
+// steps, b<s><q> this lane's column quad q at step s. When inner is not a multiple of 4 (batched
+// attention products only), the last quad of each lhs row reaches into its padding, which the
+// launcher guarantees is zero, and the rhs rows past the end are clamped to the last one, so the
+// steps past the end add zero times a stored value.
 
 @compute @workgroup_size(WORKGROUP_SIZE)
 fn matmul_nn(@builtin(global_invocation_id) gid: vec3<u32>,
@@ -155,25 +192,25 @@ fn matmul_nn(@builtin(global_invocation_id) gid: vec3<u32>,
     let origin = block_origin(gid, groups);
     var acc: array<vec4<f32>, 384>;
     // Quad index of the start of lhs row (block row lane + 8 m), clamped, for m = 0..11.
-    let qa0 = (min(origin.row0 + lane + 0u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa1 = (min(origin.row0 + lane + 8u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa2 = (min(origin.row0 + lane + 16u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa3 = (min(origin.row0 + lane + 24u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa4 = (min(origin.row0 + lane + 32u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa5 = (min(origin.row0 + lane + 40u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa6 = (min(origin.row0 + lane + 48u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa7 = (min(origin.row0 + lane + 56u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa8 = (min(origin.row0 + lane + 64u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa9 = (min(origin.row0 + lane + 72u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa10 = (min(origin.row0 + lane + 80u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa11 = (min(origin.row0 + lane + 88u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
+    let qa0 = (min(origin.row0 + lane + 0u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa1 = (min(origin.row0 + lane + 8u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa2 = (min(origin.row0 + lane + 16u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa3 = (min(origin.row0 + lane + 24u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa4 = (min(origin.row0 + lane + 32u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa5 = (min(origin.row0 + lane + 40u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa6 = (min(origin.row0 + lane + 48u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa7 = (min(origin.row0 + lane + 56u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa8 = (min(origin.row0 + lane + 64u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa9 = (min(origin.row0 + lane + 72u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa10 = (min(origin.row0 + lane + 80u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa11 = (min(origin.row0 + lane + 88u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
     // Quad index, within an rhs row, of this lane's column quad q (clamped to the last quad).
-    let qb0 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 0u, params.cols - 4u) / 4u;
-    let qb1 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 32u, params.cols - 4u) / 4u;
-    let qb2 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 64u, params.cols - 4u) / 4u;
-    let qb3 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 96u, params.cols - 4u) / 4u;
+    let qb0 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 0u, params.cols - 4u) / 4u;
+    let qb1 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 32u, params.cols - 4u) / 4u;
+    let qb2 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 64u, params.cols - 4u) / 4u;
+    let qb3 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 96u, params.cols - 4u) / 4u;
     let rhs_row_quads = params.rhs_stride / 4u;
-    for (var i4 = 0u; i4 < params.inner / 4u; i4++) {
+    for (var i4 = 0u; i4 < (params.inner + 3u) / 4u; i4++) {
         let a0 = lhs[qa0 + i4];
         let a1 = lhs[qa1 + i4];
         let a2 = lhs[qa2 + i4];
@@ -186,13 +223,13 @@ fn matmul_nn(@builtin(global_invocation_id) gid: vec3<u32>,
         let a9 = lhs[qa9 + i4];
         let a10 = lhs[qa10 + i4];
         let a11 = lhs[qa11 + i4];
-        let k0 = (i4 * 4u + 0u) * rhs_row_quads;
+        let k0 = min(i4 * 4u + 0u, params.inner - 1u) * rhs_row_quads;
         let b00 = rhs[k0 + qb0]; let b01 = rhs[k0 + qb1]; let b02 = rhs[k0 + qb2]; let b03 = rhs[k0 + qb3];
-        let k1 = (i4 * 4u + 1u) * rhs_row_quads;
+        let k1 = min(i4 * 4u + 1u, params.inner - 1u) * rhs_row_quads;
         let b10 = rhs[k1 + qb0]; let b11 = rhs[k1 + qb1]; let b12 = rhs[k1 + qb2]; let b13 = rhs[k1 + qb3];
-        let k2 = (i4 * 4u + 2u) * rhs_row_quads;
+        let k2 = min(i4 * 4u + 2u, params.inner - 1u) * rhs_row_quads;
         let b20 = rhs[k2 + qb0]; let b21 = rhs[k2 + qb1]; let b22 = rhs[k2 + qb2]; let b23 = rhs[k2 + qb3];
-        let k3 = (i4 * 4u + 3u) * rhs_row_quads;
+        let k3 = min(i4 * 4u + 3u, params.inner - 1u) * rhs_row_quads;
         let b30 = rhs[k3 + qb0]; let b31 = rhs[k3 + qb1]; let b32 = rhs[k3 + qb2]; let b33 = rhs[k3 + qb3];
         var v: vec4<f32>;
         v = subgroupBroadcast(a0, 0u);
@@ -785,35 +822,35 @@ fn matmul_nt(@builtin(global_invocation_id) gid: vec3<u32>,
     let origin = block_origin(gid, groups);
     var acc: array<vec4<f32>, 384>;
     // Quad index of the start of lhs row (block row lane + 8 m), clamped, for m = 0..11.
-    let qa0 = (min(origin.row0 + lane + 0u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa1 = (min(origin.row0 + lane + 8u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa2 = (min(origin.row0 + lane + 16u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa3 = (min(origin.row0 + lane + 24u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa4 = (min(origin.row0 + lane + 32u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa5 = (min(origin.row0 + lane + 40u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa6 = (min(origin.row0 + lane + 48u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa7 = (min(origin.row0 + lane + 56u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa8 = (min(origin.row0 + lane + 64u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa9 = (min(origin.row0 + lane + 72u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa10 = (min(origin.row0 + lane + 80u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
-    let qa11 = (min(origin.row0 + lane + 88u, params.rows - 1u) * params.lhs_stride + params.lhs_offset) / 4u;
+    let qa0 = (min(origin.row0 + lane + 0u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa1 = (min(origin.row0 + lane + 8u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa2 = (min(origin.row0 + lane + 16u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa3 = (min(origin.row0 + lane + 24u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa4 = (min(origin.row0 + lane + 32u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa5 = (min(origin.row0 + lane + 40u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa6 = (min(origin.row0 + lane + 48u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa7 = (min(origin.row0 + lane + 56u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa8 = (min(origin.row0 + lane + 64u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa9 = (min(origin.row0 + lane + 72u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa10 = (min(origin.row0 + lane + 80u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
+    let qa11 = (min(origin.row0 + lane + 88u, params.rows - 1u) * params.lhs_stride + origin.lhs_offset) / 4u;
     // Quad index of the start of this lane's rhs rows (result columns), clamped.
-    let qc00 = (min(origin.col0 + lane * 4u + 0u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc01 = (min(origin.col0 + lane * 4u + 1u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc02 = (min(origin.col0 + lane * 4u + 2u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc03 = (min(origin.col0 + lane * 4u + 3u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc10 = (min(origin.col0 + lane * 4u + 32u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc11 = (min(origin.col0 + lane * 4u + 33u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc12 = (min(origin.col0 + lane * 4u + 34u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc13 = (min(origin.col0 + lane * 4u + 35u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc20 = (min(origin.col0 + lane * 4u + 64u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc21 = (min(origin.col0 + lane * 4u + 65u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc22 = (min(origin.col0 + lane * 4u + 66u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc23 = (min(origin.col0 + lane * 4u + 67u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc30 = (min(origin.col0 + lane * 4u + 96u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc31 = (min(origin.col0 + lane * 4u + 97u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc32 = (min(origin.col0 + lane * 4u + 98u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
-    let qc33 = (min(origin.col0 + lane * 4u + 99u, params.cols - 1u) * params.rhs_stride + params.rhs_offset) / 4u;
+    let qc00 = (min(origin.col0 + lane * 4u + 0u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc01 = (min(origin.col0 + lane * 4u + 1u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc02 = (min(origin.col0 + lane * 4u + 2u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc03 = (min(origin.col0 + lane * 4u + 3u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc10 = (min(origin.col0 + lane * 4u + 32u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc11 = (min(origin.col0 + lane * 4u + 33u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc12 = (min(origin.col0 + lane * 4u + 34u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc13 = (min(origin.col0 + lane * 4u + 35u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc20 = (min(origin.col0 + lane * 4u + 64u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc21 = (min(origin.col0 + lane * 4u + 65u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc22 = (min(origin.col0 + lane * 4u + 66u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc23 = (min(origin.col0 + lane * 4u + 67u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc30 = (min(origin.col0 + lane * 4u + 96u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc31 = (min(origin.col0 + lane * 4u + 97u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc32 = (min(origin.col0 + lane * 4u + 98u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
+    let qc33 = (min(origin.col0 + lane * 4u + 99u, params.cols - 1u) * params.rhs_stride + origin.rhs_offset) / 4u;
     for (var i4 = 0u; i4 < params.inner / 4u; i4++) {
         let a0 = lhs[qa0 + i4];
         let a1 = lhs[qa1 + i4];
@@ -1439,15 +1476,18 @@ fn matmul_tn(@builtin(global_invocation_id) gid: vec3<u32>,
             @builtin(subgroup_invocation_id) lane: u32) {
     let origin = block_origin(gid, groups);
     var acc: array<vec4<f32>, 384>;
-    // Quad index, within an lhs row, of block rows 4 lane + 32 m + 0..3, clamped to the last quad:
-    // rows are a multiple of 4.
-    let qa0 = params.lhs_offset / 4u + min(origin.row0 + lane * 4u + 0u, params.rows - 4u) / 4u;
-    let qa1 = params.lhs_offset / 4u + min(origin.row0 + lane * 4u + 32u, params.rows - 4u) / 4u;
-    let qa2 = params.lhs_offset / 4u + min(origin.row0 + lane * 4u + 64u, params.rows - 4u) / 4u;
-    let qb0 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 0u, params.cols - 4u) / 4u;
-    let qb1 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 32u, params.cols - 4u) / 4u;
-    let qb2 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 64u, params.cols - 4u) / 4u;
-    let qb3 = params.rhs_offset / 4u + min(origin.col0 + lane * 4u + 96u, params.cols - 4u) / 4u;
+    // Quad index, within an lhs row, of block rows 4 lane + 32 m + 0..3, clamped to the last quad.
+    // When rows is not a multiple of 4 (batched attention products only), the last quad reaches
+    // past the last row into the padding of the lhs row, which the launcher provides; it feeds
+    // only results past the last row, which are not stored.
+    let last_row_quad = (params.rows + 3u) / 4u - 1u;
+    let qa0 = origin.lhs_offset / 4u + min((origin.row0 + lane * 4u + 0u) / 4u, last_row_quad);
+    let qa1 = origin.lhs_offset / 4u + min((origin.row0 + lane * 4u + 32u) / 4u, last_row_quad);
+    let qa2 = origin.lhs_offset / 4u + min((origin.row0 + lane * 4u + 64u) / 4u, last_row_quad);
+    let qb0 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 0u, params.cols - 4u) / 4u;
+    let qb1 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 32u, params.cols - 4u) / 4u;
+    let qb2 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 64u, params.cols - 4u) / 4u;
+    let qb3 = origin.rhs_offset / 4u + min(origin.col0 + lane * 4u + 96u, params.cols - 4u) / 4u;
     let lhs_row_quads = params.lhs_stride / 4u;
     let rhs_row_quads = params.rhs_stride / 4u;
     let zero = vec4<f32>(0.0);

@@ -305,12 +305,12 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         _buffers: vec![a, bb, sum],
     });
 
-    // Attention: QK^T and att @ V products dominate, each B*NH*T*T*HS multiply-adds over the
-    // causal half.
+    // Attention: QK^T and att @ V products dominate, each B*NH*T*T*HS multiply-adds, counted
+    // over the causal half (the batched products compute the whole square).
     let shape = attention::AttentionShape { batch: b, seq_len: t, channels: c, num_heads: nh };
     let qkv = m.random("qkv", rows * 3 * c, 1.0)?;
-    let att = m.zeros("att", b * nh * t * t)?;
-    let datt = m.zeros("datt", b * nh * t * t)?;
+    let att = m.zeros("att", shape.att_floats())?;
+    let datt = m.zeros("datt", shape.att_floats())?;
     let a_out = m.zeros("attn out", rows * c)?;
     let dqkv = m.zeros("dqkv", rows * 3 * c)?;
     let att_flops = 2 * 2 * (b * t * t * c) as u64 / 2;
@@ -319,7 +319,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         kernel: "attention forward".into(),
         shape: text.clone(),
         flops: Some(att_flops),
-        bytes: 4 * (rows * 4 * c + b * nh * t * t) as u64,
+        bytes: 4 * (rows * 4 * c + shape.att_floats()) as u64,
         dispatches: attention::forward(gpu, "bench attention", shape, (&qkv).into(), (&att).into(), (&a_out).into())?,
         _buffers: vec![],
     });
@@ -327,7 +327,7 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         kernel: "attention backward".into(),
         shape: text,
         flops: Some(2 * att_flops),
-        bytes: 4 * (rows * 7 * c + 2 * b * nh * t * t) as u64,
+        bytes: 4 * (rows * 7 * c + 2 * shape.att_floats()) as u64,
         dispatches: attention::backward(gpu, "bench attention bwd", shape, (&a_out).into(), (&qkv).into(), (&att).into(), (&datt).into(), (&dqkv).into(), false)?,
         _buffers: vec![qkv, att, datt, a_out, dqkv],
     });

@@ -272,14 +272,7 @@ impl<'g> Session<'g> {
         let clip = settings.clip_grad_norm.is_some() || settings.skip_nonfinite;
         let plan = Plan::new(graph, PlanOptions { train, clip, row_flags });
         check_limits(gpu, &plan)?;
-        let summary = plan.summary();
-        log::info!(
-            "plan: {} forward + {} backward + {} optimizer dispatches, {:.1} MiB peak",
-            summary.forward_dispatches,
-            summary.backward_dispatches,
-            summary.optimizer_dispatches,
-            summary.peak_bytes as f64 / (1 << 20) as f64
-        );
+        let peak_bytes = plan.summary().peak_bytes;
         let mut dedicated = HashMap::new();
         let mut by_name = HashMap::new();
         for (id, t) in plan.graph.tensors.iter().enumerate() {
@@ -321,6 +314,14 @@ impl<'g> Session<'g> {
         session.touched_rows = RefCell::new(session.row_flag_tables()?);
         session.upload_weights(weights)?;
         session.build_dispatches()?;
+        // The counts of the recorded dispatches, which depend on the kernels chosen for this
+        // adapter (the plan's summary counts attention's tile kernels).
+        let (forward, backward) = (session.forward_dispatches, session.backward_dispatches);
+        log::info!(
+            "plan: {forward} forward + {backward} backward + {} optimizer dispatches, {:.1} MiB peak",
+            session.dispatches.len() - forward - backward,
+            peak_bytes as f64 / (1 << 20) as f64
+        );
         Ok(session)
     }
 

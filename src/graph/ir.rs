@@ -127,7 +127,8 @@ pub(crate) enum Op {
     /// out = inp * mask / (1 - prob) while training (`seed` (2) u32 = [seed of the step,
     /// active]), out = inp otherwise. `salt` distinguishes the dropout sites of one graph.
     Dropout { len: usize, prob: f32, seed: TensorId, salt: u32, inp: TensorId, out: TensorId },
-    /// Causal self-attention over qkv (B,T,3C) into out (B,T,C); att (B,NH,T,T) saved.
+    /// Causal self-attention over qkv (B,T,3C) into out (B,T,C); att (B,NH,T,T') saved, rows
+    /// padded to T' (see `AttentionShape::att_stride`).
     Attention { shape: AttentionShape, qkv: TensorId, att: TensorId, out: TensorId },
     /// pooled (B,C) = hidden[b, lengths[b]-1].
     PoolLast { batch: usize, seq_len: usize, channels: usize, hidden: TensorId, lengths: TensorId, pooled: TensorId },

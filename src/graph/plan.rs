@@ -156,8 +156,8 @@ impl Kernel {
     pub fn flops(&self) -> u64 {
         use Kernel::*;
         let matmul = |s: &MatmulShape| 2 * (s.rows * s.inner * s.cols) as u64;
-        // Causal attention: scores and weighted sum each cost B*NH*T*T*HS multiply-adds; the
-        // kernels compute only the lower triangle, about half of that.
+        // Causal attention: scores and weighted sum each cost B*NH*T*T*HS multiply-adds, of which
+        // about half (the lower triangle) count; the batched products compute the whole square.
         let attention = |s: &AttentionShape| {
             let t = s.seq_len as u64;
             2 * 2 * (s.batch as u64) * t * t * (s.channels as u64) / 2
@@ -452,8 +452,10 @@ pub(crate) fn dispatch_count(kernel: &Kernel) -> usize {
     match kernel {
         Kernel::Forward(Op::Embedding { wte, .. }) => wte.len(),
         Kernel::Forward(Op::Matmul { weight, .. }) => weight.len(),
-        // attention::forward records scores, softmax and weighted sum; attention::backward the
-        // probability gradient, the softmax backward and the query and key/value gradients.
+        // attention::forward records scores, softmax and weighted sum; attention::backward, with
+        // the tile kernels, the probability gradient, the softmax backward and the query and
+        // key/value gradients. Its batched products (adapters with 8-lane subgroups) record the
+        // key and value gradients apart, one dispatch more; the executor logs the recorded counts.
         Kernel::Forward(Op::Attention { .. }) => 3,
         Kernel::Forward(Op::CrossEntropy { .. }) => 2,
         // A matmul and a fold per row and vocabulary chunk, then the mean.

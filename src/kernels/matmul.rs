@@ -42,6 +42,13 @@ pub(crate) static NF4_SUBGROUP_FAMILY: ShaderFamily = ShaderFamily {
     source: include_str!(concat!(env!("OUT_DIR"), "/matmul_nf4_subgroup.wgsl")),
 };
 
+/// The f32 subgroup products with 32-column blocks, derived from `shaders/matmul_subgroup.wgsl`
+/// by build.rs, for batched products with few result columns (attention).
+pub(crate) static NARROW_SUBGROUP_FAMILY: ShaderFamily = ShaderFamily {
+    name: "matmul_narrow_subgroup",
+    source: include_str!(concat!(env!("OUT_DIR"), "/matmul_narrow_subgroup.wgsl")),
+};
+
 pub(crate) static TILED_FAMILY: ShaderFamily =
     ShaderFamily { name: "matmul_tiled", source: include_str!("../../shaders/matmul_tiled.wgsl") };
 
@@ -56,6 +63,8 @@ const SUBGROUP_LANES: u32 = 8;
 /// `BLOCK_ROWS` and `BLOCK_COLS` there.
 const BLOCK_ROWS: usize = 96;
 const BLOCK_COLS: usize = 128;
+/// Result columns of one subgroup's block in the narrow module (one column quad per lane).
+const NARROW_BLOCK_COLS: usize = 32;
 /// Invocations along each side of a tiled workgroup; must match `SIDE` in
 /// `shaders/matmul_tiled.wgsl`.
 const TILED_SIDE: u32 = 16;
@@ -103,6 +112,15 @@ static SUBGROUP_TN: KernelEntry = KernelEntry {
     entry: "matmul_tn",
     bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
 };
+static NARROW_NN: KernelEntry =
+    KernelEntry { family: &NARROW_SUBGROUP_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
+static NARROW_NT: KernelEntry =
+    KernelEntry { family: &NARROW_SUBGROUP_FAMILY, entry: "matmul_nt", bindings: PRODUCT_BINDINGS };
+static NARROW_TN: KernelEntry = KernelEntry {
+    family: &NARROW_SUBGROUP_FAMILY,
+    entry: "matmul_tn",
+    bindings: &[BindingKind::Uniform, BindingKind::ReadWrite, BindingKind::ReadOnly, BindingKind::ReadOnly],
+};
 static F16_SUBGROUP_NN: KernelEntry =
     KernelEntry { family: &F16_SUBGROUP_FAMILY, entry: "matmul_nn", bindings: PRODUCT_BINDINGS };
 static F16_SUBGROUP_NT: KernelEntry =
@@ -145,6 +163,14 @@ pub(crate) const SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
     (&SUBGROUP_NN, SUBGROUP_WORKGROUP_SIZE),
     (&SUBGROUP_NT, SUBGROUP_WORKGROUP_SIZE),
     (&SUBGROUP_TN, SUBGROUP_WORKGROUP_SIZE),
+];
+
+/// Entry points of the narrow subgroup module and their WGSL workgroup sizes. They compile only on
+/// devices with the SUBGROUP feature.
+pub(crate) const NARROW_SUBGROUP_ENTRIES: &[(&KernelEntry, u32)] = &[
+    (&NARROW_NN, SUBGROUP_WORKGROUP_SIZE),
+    (&NARROW_NT, SUBGROUP_WORKGROUP_SIZE),
+    (&NARROW_TN, SUBGROUP_WORKGROUP_SIZE),
 ];
 
 /// Entry points of the subgroup variant with f16 weights and their WGSL workgroup sizes. They
@@ -206,7 +232,7 @@ fn forced_variant() -> Option<Variant> {
 
 /// True when the device can run `shaders/matmul_subgroup.wgsl` as written: subgroup operations
 /// are enabled and every subgroup has exactly SUBGROUP_LANES lanes.
-fn subgroups_fit(gpu: &Gpu) -> bool {
+pub(crate) fn subgroups_fit(gpu: &Gpu) -> bool {
     let info = gpu.info();
     gpu.features().contains(wgpu::Features::SUBGROUP)
         && info.subgroup_min_size == SUBGROUP_LANES
@@ -397,30 +423,49 @@ pub(crate) struct MatmulParams {
     pub accumulate: u32,
     pub has_bias: u32,
     pub vec4_loads: u32,
+    /// Batched products (subgroup module only; shaders/matmul.wgsl and matmul_tiled.wgsl declare
+    /// the fields above and ignore these): `products` products, product z at batch z / heads and
+    /// head z % heads, each operand's offset advanced by its batch and head strides.
+    pub products: u32,
+    pub heads: u32,
+    pub lhs_batch_stride: u32,
+    pub lhs_head_stride: u32,
+    pub rhs_batch_stride: u32,
+    pub rhs_head_stride: u32,
+    pub out_batch_stride: u32,
+    pub out_head_stride: u32,
 }
 
-/// A row-major operand as the shader addresses it: element (row, column) at
-/// `row * stride + offset + column`.
-#[derive(Clone, Copy)]
-struct Operand {
-    stride: usize,
-    offset: usize,
+/// A row-major operand as the shader addresses it: element (row, column) of batch b and head h
+/// at `b * batch_stride + h * head_stride + offset + row * stride + column`. The batch strides
+/// are zero except in [`batched_subgroup`] products.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Operand {
+    pub stride: usize,
+    pub offset: usize,
+    pub batch_stride: usize,
+    pub head_stride: usize,
 }
 
 impl Operand {
     fn dense(cols: usize) -> Self {
-        Operand { stride: cols, offset: 0 }
+        Operand::at(cols, 0)
     }
 
-    /// True when every row starts on a vec4 boundary.
+    /// An operand of one product: rows `stride` floats apart from `offset` on.
+    fn at(stride: usize, offset: usize) -> Self {
+        Operand { stride, offset, batch_stride: 0, head_stride: 0 }
+    }
+
+    /// True when every row of every batch and head starts on a vec4 boundary.
     fn rows_aligned(&self) -> bool {
-        self.stride.is_multiple_of(VEC4) && self.offset.is_multiple_of(VEC4)
+        [self.stride, self.offset, self.batch_stride, self.head_stride].iter().all(|n| n.is_multiple_of(VEC4))
     }
 }
 
 /// The GEMM forms of the shader.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Form {
+pub(crate) enum Form {
     /// `result[r, c] = sum_i lhs[r, i] * rhs[i, c]`
     Nn,
     /// `result[r, c] = sum_i lhs[r, i] * rhs[c, i]`
@@ -440,6 +485,10 @@ struct Product {
     out: Operand,
     accumulate: bool,
     has_bias: bool,
+    /// Products in the dispatch, product z at batch z / heads and head z % heads (1 and 1 for a
+    /// single product).
+    products: usize,
+    heads: usize,
 }
 
 impl Product {
@@ -457,9 +506,11 @@ impl Product {
             inner,
             lhs: Operand::dense(inner),
             rhs: weight_operand,
-            out: Operand { stride: shape.out_stride, offset: shape.out_offset },
+            out: Operand::at(shape.out_stride, shape.out_offset),
             accumulate: false,
             has_bias,
+            products: 1,
+            heads: 1,
         }
     }
 
@@ -478,11 +529,13 @@ impl Product {
             rows,
             cols: inner,
             inner: cols,
-            lhs: Operand { stride: shape.out_stride, offset: shape.out_offset },
+            lhs: Operand::at(shape.out_stride, shape.out_offset),
             rhs: weight_operand,
             out: Operand::dense(inner),
             accumulate,
             has_bias: false,
+            products: 1,
+            heads: 1,
         }
     }
 
@@ -512,6 +565,14 @@ impl Product {
             accumulate: u32::from(self.accumulate),
             has_bias: u32::from(self.has_bias),
             vec4_loads: u32::from(self.vec4_loads()),
+            products: self.products as u32,
+            heads: self.heads as u32,
+            lhs_batch_stride: self.lhs.batch_stride as u32,
+            lhs_head_stride: self.lhs.head_stride as u32,
+            rhs_batch_stride: self.rhs.batch_stride as u32,
+            rhs_head_stride: self.rhs.head_stride as u32,
+            out_batch_stride: self.out.batch_stride as u32,
+            out_head_stride: self.out.head_stride as u32,
         }
     }
 
@@ -545,7 +606,7 @@ impl Product {
                 super::grid_1d(gpu, invocations as u64, WORKGROUP_SIZE)
             }
             Variant::Subgroup => {
-                let blocks = self.rows.div_ceil(BLOCK_ROWS) * self.cols.div_ceil(BLOCK_COLS);
+                let blocks = self.rows.div_ceil(BLOCK_ROWS) * self.cols.div_ceil(BLOCK_COLS) * self.products;
                 let invocations = blocks * SUBGROUP_LANES as usize;
                 super::grid_1d(gpu, invocations as u64, SUBGROUP_WORKGROUP_SIZE)
             }
@@ -736,6 +797,125 @@ pub(crate) fn subgroup_products_chosen(gpu: &Gpu, input_grad: bool) -> Result<bo
     Ok(subgroups_fit(gpu) && automatic_variant(gpu, form)? == Variant::Subgroup)
 }
 
+/// Products of one shape, batched over (batch, head) pairs at regular operand strides, for the
+/// subgroup variant: the attention products of `super::attention`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Batched {
+    pub form: Form,
+    pub rows: usize,
+    pub cols: usize,
+    pub inner: usize,
+    /// Products in all: product z is batch z / heads, head z % heads.
+    pub products: usize,
+    pub heads: usize,
+    pub lhs: Operand,
+    pub rhs: Operand,
+    pub out: Operand,
+    pub accumulate: bool,
+    /// Blocks of 32 result columns (the narrow module) instead of 128.
+    pub narrow: bool,
+}
+
+/// Returns whether [`batched_subgroup`] runs here: subgroups fit and the autotuned (or forced)
+/// choice of every product form is the subgroup variant.
+pub(crate) fn batched_subgroup_chosen(gpu: &Gpu) -> Result<bool, GpuError> {
+    if !subgroups_fit(gpu) {
+        return Ok(false);
+    }
+    for form in [Form::Nn, Form::Nt, Form::Tn] {
+        if automatic_variant(gpu, form)? != Variant::Subgroup {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Creates the dispatch of the products of `batched` on the subgroup variant, which keeps its
+/// deterministic order of summation. The reduction length of an nn product may be any length if
+/// each lhs row is padded with zeros up to the next multiple of 4: the kernel adds zero times a
+/// stored rhs value for each padding float. The row count of a tn product may be any length if
+/// each lhs row is padded (with any values) to a multiple of 4: the padding feeds only results
+/// that are not stored.
+///
+/// # Panics
+/// If subgroups do not fit this device, if a row of an operand (in any batch and head) does not
+/// start on a 16-byte boundary, if the length read along operand rows is not a multiple of 4
+/// (`cols` for nn and tn, `inner` for nt), or if a binding ends before the last float that its
+/// products read or write. Shapes come from the model, not from user input.
+pub(crate) fn batched_subgroup(
+    gpu: &Gpu,
+    label: &str,
+    batched: &Batched,
+    result: TensorBinding<'_>,
+    lhs: TensorBinding<'_>,
+    rhs: TensorBinding<'_>,
+) -> Result<Dispatch, GpuError> {
+    let Batched { form, rows, cols, inner, products, heads, lhs: lhs_operand, rhs: rhs_operand, out, accumulate, narrow } = *batched;
+    assert!(subgroups_fit(gpu), "`{label}`: batched products need 8-lane subgroups");
+    assert!(rows.min(cols).min(inner) > 0, "`{label}`: batched product {batched:?} has an empty dimension");
+    assert!(heads > 0 && products > 0, "`{label}`: batched product {batched:?} has no products");
+    assert!(products.is_multiple_of(heads), "`{label}`: {products} products are not whole batches of {heads} heads");
+    let along_rows = match form {
+        Form::Nn | Form::Tn => cols,
+        Form::Nt => inner,
+    };
+    assert!(
+        lhs_operand.rows_aligned() && rhs_operand.rows_aligned() && along_rows.is_multiple_of(VEC4),
+        "`{label}`: batched product {batched:?} is not aligned for vec4 loads"
+    );
+    // Rows read and floats read per row of lhs, rhs and the result, padding included.
+    let (lhs_rows, lhs_len, rhs_rows, rhs_len) = match form {
+        Form::Nn => (rows, inner.next_multiple_of(VEC4), inner, cols),
+        Form::Nt => (rows, inner, cols, inner),
+        Form::Tn => (inner, rows.next_multiple_of(VEC4), inner, cols),
+    };
+    for (name, operand, binding, operand_rows, len) in
+        [("lhs", lhs_operand, &lhs, lhs_rows, lhs_len), ("rhs", rhs_operand, &rhs, rhs_rows, rhs_len), ("result", out, &result, rows, cols)]
+    {
+        let end = operand.offset
+            + (products / heads - 1) * operand.batch_stride
+            + (heads - 1) * operand.head_stride
+            + (operand_rows - 1) * operand.stride
+            + len;
+        assert!(
+            end as u64 * F32_BYTES <= binding.size,
+            "`{label}`: the {name} binding holds {} bytes, but batched product {batched:?} reaches float {end}",
+            binding.size
+        );
+    }
+
+    let product = Product {
+        form,
+        rows,
+        cols,
+        inner,
+        lhs: lhs_operand,
+        rhs: rhs_operand,
+        out,
+        accumulate,
+        has_bias: false,
+        products,
+        heads,
+    };
+    let lhs = sized_binding(label, "lhs", lhs, (lhs.size / F32_BYTES) as usize, true);
+    let rhs = sized_binding(label, "rhs", rhs, (rhs.size / F32_BYTES) as usize, true);
+    let params = product.params();
+
+    let groups = if narrow {
+        let blocks = rows.div_ceil(BLOCK_ROWS) * cols.div_ceil(NARROW_BLOCK_COLS) * products;
+        super::grid_1d(gpu, (blocks * SUBGROUP_LANES as usize) as u64, SUBGROUP_WORKGROUP_SIZE)
+    } else {
+        product.workgroups(gpu, Variant::Subgroup)
+    };
+    let bytes = Some(bytemuck::bytes_of(&params));
+    let (nn, nt, tn) = if narrow { (&NARROW_NN, &NARROW_NT, &NARROW_TN) } else { (&SUBGROUP_NN, &SUBGROUP_NT, &SUBGROUP_TN) };
+    match form {
+        Form::Nn => gpu.dispatch(nn, label, bytes, &[result, lhs, rhs, gpu.placeholder()], groups),
+        Form::Nt => gpu.dispatch(nt, label, bytes, &[result, lhs, rhs, gpu.placeholder()], groups),
+        Form::Tn => gpu.dispatch(tn, label, bytes, &[result, lhs, rhs], groups),
+    }
+}
+
 /// A frozen weight (K, N) in a compressed storage that a subgroup module derived by build.rs
 /// decodes as it loads it.
 #[derive(Clone, Copy)]
@@ -861,7 +1041,7 @@ fn backward_weight_with(
 ) -> Result<Dispatch, GpuError> {
     shape.check(label);
     let MatmulShape { rows, inner, cols, layout, .. } = shape;
-    let dout_operand = Operand { stride: shape.out_stride, offset: shape.out_offset };
+    let dout_operand = Operand::at(shape.out_stride, shape.out_offset);
     // tn sums over M: (K, N) = inp^T @ dout, or (N, K) = dout^T @ inp.
     let (result_rows, result_cols, lhs_operand, rhs_operand) = match layout {
         WeightLayout::InOut => (inner, cols, Operand::dense(inner), dout_operand),
@@ -877,6 +1057,8 @@ fn backward_weight_with(
         out: Operand::dense(result_cols),
         accumulate: true,
         has_bias: false,
+        products: 1,
+        heads: 1,
     };
     let inp = sized_binding(label, "inp", inp, rows * inner, true);
     let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
@@ -907,7 +1089,7 @@ pub(crate) fn backward_bias(
 ) -> Result<Dispatch, GpuError> {
     shape.check(label);
     let MatmulShape { rows, cols, .. } = shape;
-    let dout_operand = Operand { stride: shape.out_stride, offset: shape.out_offset };
+    let dout_operand = Operand::at(shape.out_stride, shape.out_offset);
     let params = MatmulParams {
         rows: rows as u32,
         cols: cols as u32,
@@ -921,6 +1103,9 @@ pub(crate) fn backward_bias(
         accumulate: 1,
         has_bias: 0,
         vec4_loads: u32::from(dout_operand.rows_aligned() && cols.is_multiple_of(VEC4)),
+        products: 1,
+        heads: 1,
+        ..bytemuck::Zeroable::zeroed()
     };
     let dout = sized_binding(label, "dout", dout, shape.out_floats(), true);
     let dbias = sized_binding(label, "dbias", dbias, cols, false);
@@ -1172,6 +1357,8 @@ mod tests {
             out: Operand::dense(shape.cols),
             accumulate: false,
             has_bias: false,
+            products: 1,
+            heads: 1,
         };
         assert!(product(aligned, Form::Nn).vec4_loads(), "nn 8x768x2304 should use vec4 loads");
         assert!(!product(odd_inner, Form::Nn).vec4_loads(), "nn with K=29 must not use vec4 loads");
@@ -1197,6 +1384,8 @@ mod tests {
             out: Operand::dense(768),
             accumulate: false,
             has_bias: false,
+            products: 1,
+            heads: 1,
         };
         let expected = if fits { Variant::Subgroup } else { Variant::Generic };
         let tiled = if tiled_fits(gpu) { Variant::Tiled } else { Variant::Generic };

@@ -36,6 +36,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &matmul::SUBGROUP_FAMILY,
     &matmul::F16_SUBGROUP_FAMILY,
     &matmul::NF4_SUBGROUP_FAMILY,
+    &matmul::NARROW_SUBGROUP_FAMILY,
     &matmul::TILED_FAMILY,
     &nf4::FAMILY,
     &f16_weights::FAMILY,
@@ -60,6 +61,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     matmul::SUBGROUP_ENTRIES,
     matmul::F16_SUBGROUP_ENTRIES,
     matmul::NF4_SUBGROUP_ENTRIES,
+    matmul::NARROW_SUBGROUP_ENTRIES,
     matmul::TILED_ENTRIES,
     nf4::ENTRIES,
     f16_weights::ENTRIES,
@@ -101,7 +103,12 @@ pub(crate) fn compile_all(gpu: &crate::gpu::Gpu) -> Result<usize, crate::gpu::Gp
     for (kernel, _) in ENTRY_SIZES.iter().flat_map(|list| list.iter()) {
         // The subgroup variants are only ever chosen on adapters with SUBGROUP, and their module
         // cannot be created without it.
-        let subgroup_families = [matmul::SUBGROUP_FAMILY.name, matmul::F16_SUBGROUP_FAMILY.name, matmul::NF4_SUBGROUP_FAMILY.name];
+        let subgroup_families = [
+            matmul::SUBGROUP_FAMILY.name,
+            matmul::F16_SUBGROUP_FAMILY.name,
+            matmul::NF4_SUBGROUP_FAMILY.name,
+            matmul::NARROW_SUBGROUP_FAMILY.name,
+        ];
         let subgroup_family = subgroup_families.contains(&kernel.family.name);
         if subgroup_family && !has_subgroups {
             continue;

@@ -345,9 +345,9 @@ impl Builder<'_> {
         let ln1 = self.layernorm(&format!("{p}.ln_1"), x, rows, part);
         let qkv = self.conv1d(&format!("{p}.attn.c_attn"), ln1, rows, c, 3 * c, part);
         let nh = self.config.n_head;
-        let att = self.g.activation(format!("{p}.attn.probs"), &[b, nh, t, t]);
-        let att_out = self.g.activation(format!("{p}.attn.out"), &[rows, c]);
         let attention = AttentionShape { batch: b, seq_len: t, channels: c, num_heads: nh };
+        let att = self.g.activation(format!("{p}.attn.probs"), &attention.att_dims());
+        let att_out = self.g.activation(format!("{p}.attn.out"), &[rows, c]);
         self.g.push(Op::Attention { shape: attention, qkv, att, out: att_out });
         let proj = self.conv1d(&format!("{p}.attn.c_proj"), att_out, rows, c, c, part);
         let x2 = self.g.activation(format!("{p}.residual_1"), &[rows, c]);
