@@ -163,9 +163,12 @@ const NARROW_MAX_COLS: usize = 64;
 /// Environment variable that forces the tile kernels (`tiles`) where the products would run.
 const ATTENTION_VARIABLE: &str = "SHADERTUNE_ATTENTION";
 
-/// Selects the kernels for `shape`: the batched products where the subgroup matmul runs every
-/// product form and the head size is a multiple of 4, unless SHADERTUNE_ATTENTION=tiles.
-pub(crate) fn select_kernels(gpu: &Gpu, shape: &AttentionShape) -> Result<Kernels, GpuError> {
+/// Selects the kernels for `shape`: the batched products where the subgroup matmul runs the
+/// product forms they use and the head size is a multiple of 4, unless
+/// SHADERTUNE_ATTENTION=tiles. The forward uses nt and nn, the backward (`backward`) tn as well.
+/// Either set of kernels reads the att that the other wrote, so the two directions may differ
+/// where the autotuner chose another kernel for tn.
+pub(crate) fn select_kernels(gpu: &Gpu, shape: &AttentionShape, backward: bool) -> Result<Kernels, GpuError> {
     static FORCED_TILES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let forced = *FORCED_TILES.get_or_init(|| match std::env::var(ATTENTION_VARIABLE).as_deref().map(str::trim) {
         Ok("tiles") => true,
@@ -175,7 +178,8 @@ pub(crate) fn select_kernels(gpu: &Gpu, shape: &AttentionShape) -> Result<Kernel
         }
         Err(_) => false,
     });
-    let products = !forced && shape.head_size().is_multiple_of(4) && matmul::batched_subgroup_chosen(gpu)?;
+    let forms: &[Form] = if backward { &[Form::Nn, Form::Nt, Form::Tn] } else { &[Form::Nn, Form::Nt] };
+    let products = !forced && shape.head_size().is_multiple_of(4) && matmul::batched_subgroup_chosen(gpu, forms)?;
     Ok(if products { Kernels::Products } else { Kernels::Tiles })
 }
 
@@ -236,7 +240,7 @@ pub(crate) fn forward(
     att: TensorBinding<'_>,
     out: TensorBinding<'_>,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    forward_with(gpu, label, shape, select_kernels(gpu, &shape)?, qkv, att, out)
+    forward_with(gpu, label, shape, select_kernels(gpu, &shape, false)?, qkv, att, out)
 }
 
 /// [`forward`] with the choice of kernels.
@@ -302,7 +306,7 @@ pub(crate) fn backward(
     dqkv: TensorBinding<'_>,
     accumulate: bool,
 ) -> Result<Vec<Dispatch>, GpuError> {
-    backward_with(gpu, label, shape, select_kernels(gpu, &shape)?, dout, qkv, att, datt, dqkv, accumulate)
+    backward_with(gpu, label, shape, select_kernels(gpu, &shape, true)?, dout, qkv, att, datt, dqkv, accumulate)
 }
 
 /// [`backward`] with the choice of kernels.
@@ -468,18 +472,21 @@ mod tests {
         assert_eq!(std::mem::size_of::<AttentionParams>() % 16, 0);
     }
 
-    /// The tests below cover the batched products only where `select_kernels` can pick them. On an
-    /// adapter with 8-lane subgroups (lavapipe) it must pick them, unless a variable forces
-    /// other kernels.
+    /// On an adapter with 8-lane subgroups (lavapipe) `select_kernels` must pick the batched
+    /// products in both directions, unless a variable forces other kernels, and a head size that
+    /// is not a multiple of 4 must keep the tiles everywhere.
     #[test]
     fn products_are_chosen_where_subgroups_fit() {
         let Some(gpu) = test_gpu() else { return };
         let forced = std::env::var_os(ATTENTION_VARIABLE).is_some() || std::env::var_os("SHADERTUNE_MATMUL").is_some();
         let bundled = AttentionShape { batch: 8, seq_len: 82, channels: 128, num_heads: 4 };
         let odd_heads = AttentionShape { batch: 1, seq_len: 17, channels: 9, num_heads: 1 };
-        assert_eq!(select_kernels(gpu, &odd_heads).unwrap(), Kernels::Tiles, "a head size of 9 cannot use vec4 loads");
+        for backward in [false, true] {
+            assert_eq!(select_kernels(gpu, &odd_heads, backward).unwrap(), Kernels::Tiles, "a head size of 9 cannot use vec4 loads");
+        }
         if matmul::subgroups_fit(gpu) && !forced {
-            assert_eq!(select_kernels(gpu, &bundled).unwrap(), Kernels::Products);
+            assert_eq!(select_kernels(gpu, &bundled, false).unwrap(), Kernels::Products);
+            assert_eq!(select_kernels(gpu, &bundled, true).unwrap(), Kernels::Products);
         }
     }
 

@@ -816,13 +816,14 @@ pub(crate) struct Batched {
     pub narrow: bool,
 }
 
-/// Returns whether [`batched_subgroup`] runs here: subgroups fit and the autotuned (or forced)
-/// choice of every product form is the subgroup variant.
-pub(crate) fn batched_subgroup_chosen(gpu: &Gpu) -> Result<bool, GpuError> {
+/// Returns whether [`batched_subgroup`] should run products of `forms` here: subgroups fit and
+/// the autotuned (or forced) choice of each of those forms is the subgroup variant. Asking only
+/// for the forms a caller runs spares forward-only commands the tn trial on first use.
+pub(crate) fn batched_subgroup_chosen(gpu: &Gpu, forms: &[Form]) -> Result<bool, GpuError> {
     if !subgroups_fit(gpu) {
         return Ok(false);
     }
-    for form in [Form::Nn, Form::Nt, Form::Tn] {
+    for &form in forms {
         if automatic_variant(gpu, form)? != Variant::Subgroup {
             return Ok(false);
         }
