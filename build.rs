@@ -289,7 +289,7 @@ fn narrow_statement(statement: &str) -> Option<String> {
     Some(renamed_accumulators(statement))
 }
 
-/// The index of the accumulator reference whose text after `acc[` is `rest`.
+/// Parses the index of the accumulator reference whose text after `acc[` is `rest`.
 fn accumulator_index(rest: &str, statement: &str) -> usize {
     let digits = &rest[..rest.find(']').unwrap_or_else(|| panic!("{SOURCE}: unclosed `acc[` in: {statement}"))];
     digits.parse().unwrap_or_else(|_| panic!("{SOURCE}: accumulator index `{digits}` is not a decimal literal in: {statement}"))

@@ -6,12 +6,12 @@
 //! adapters' storage binding limit. A caller with long sequences can split the batch and bind
 //! each slice of qkv, att, out and their gradients at an offset.
 //!
-//! Two sets of kernels compute the same products. Where the subgroup matrix products run (8-lane
-//! subgroups, chosen by the matmul autotuner for every form) and the head size is a multiple of
-//! 4, the six attention products (scores, weighted sum, and the gradients of the probabilities,
-//! queries, keys and values) are batched subgroup products over the (b, h) pairs
-//! ([`Kernels::Products`]): on lavapipe they load far fewer floats per multiply-add than the tile
-//! kernels of `shaders/attention.wgsl`, which every other adapter uses ([`Kernels::Tiles`]). The
+//! Two sets of kernels compute the same six products: scores, weighted sum, and the gradients of
+//! the probabilities, queries, keys and values. Where the subgroup matrix products run (8-lane
+//! subgroups, chosen by the matmul autotuner) and the head size is a multiple of 4, they are
+//! batched subgroup products over the (b, h) pairs ([`Kernels::Products`]). On lavapipe those
+//! load far fewer floats per multiply-add than the tile kernels of `shaders/attention.wgsl`,
+//! which every other adapter uses ([`Kernels::Tiles`]). The
 //! softmax row kernels serve both, and att holds the same probabilities (up to rounding)
 //! whichever set wrote it.
 
@@ -84,12 +84,12 @@ impl AttentionShape {
     }
 
     /// Floats between two rows of att and datt: T rounded up to a multiple of 4, so that the
-    /// batched products can read rows as vec4s. The padding holds zeros.
+    /// batched products can read rows as vec4s. The padding contains zeros.
     pub(crate) fn att_stride(&self) -> usize {
         self.seq_len.next_multiple_of(4)
     }
 
-    /// The shape of att and datt: (B, NH, T, att_stride).
+    /// Returns the shape of att and datt: (B, NH, T, att_stride).
     pub(crate) fn att_dims(&self) -> [usize; 4] {
         [self.batch, self.num_heads, self.seq_len, self.att_stride()]
     }
@@ -366,25 +366,25 @@ fn backward_with(
 }
 
 impl AttentionShape {
-    /// Part `part` (0 q, 1 k, 2 v) of qkv as a (T, HS) operand per (b, h).
+    /// Describes part `part` (0 q, 1 k, 2 v) of qkv as a (T, HS) operand per (b, h).
     fn qkv_part(&self, part: usize) -> Operand {
         let c = self.channels;
         Operand { stride: 3 * c, offset: part * c, batch_stride: self.seq_len * 3 * c, head_stride: self.head_size() }
     }
 
-    /// A (B, T, C) tensor (out, dout) as a (T, HS) operand per (b, h).
+    /// Describes a (B, T, C) tensor (out, dout) as a (T, HS) operand per (b, h).
     fn btc_operand(&self) -> Operand {
         let c = self.channels;
         Operand { stride: c, offset: 0, batch_stride: self.seq_len * c, head_stride: self.head_size() }
     }
 
-    /// att or datt as a (T, T) operand per (b, h), rows att_stride apart.
+    /// Describes att or datt as a (T, T) operand per (b, h), rows att_stride apart.
     fn att_operand(&self) -> Operand {
         let rows = self.seq_len * self.att_stride();
         Operand { stride: self.att_stride(), offset: 0, batch_stride: self.num_heads * rows, head_stride: rows }
     }
 
-    /// The batched product of `form` with `[rows, cols, inner]` over every (b, h), on operands
+    /// Builds the batched product of `form` with `[rows, cols, inner]` over every (b, h), on operands
     /// `[lhs, rhs, out]`.
     /// Results with at most 64 columns use the narrow module's 32-column blocks: the products
     /// over a head's channels in GPT-2 models, and the scores when T is at most 64.

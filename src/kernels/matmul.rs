@@ -423,9 +423,9 @@ pub(crate) struct MatmulParams {
     pub accumulate: u32,
     pub has_bias: u32,
     pub vec4_loads: u32,
-    /// Batched products (subgroup module only; shaders/matmul.wgsl and matmul_tiled.wgsl declare
-    /// the fields above and ignore these): `products` products, product z at batch z / heads and
-    /// head z % heads, each operand's offset advanced by its batch and head strides.
+    /// Number of batched products, read by the subgroup module only (shaders/matmul.wgsl and
+    /// matmul_tiled.wgsl declare the fields above and ignore these). Product z is batch
+    /// z / heads and head z % heads, and each operand's offset grows by its batch and head strides.
     pub products: u32,
     pub heads: u32,
     pub lhs_batch_stride: u32,
@@ -452,7 +452,7 @@ impl Operand {
         Operand::at(cols, 0)
     }
 
-    /// An operand of one product: rows `stride` floats apart from `offset` on.
+    /// Creates an operand of one product: rows `stride` floats apart, from `offset` on.
     fn at(stride: usize, offset: usize) -> Self {
         Operand { stride, offset, batch_stride: 0, head_stride: 0 }
     }
@@ -839,10 +839,10 @@ pub(crate) fn batched_subgroup_chosen(gpu: &Gpu, forms: &[Form]) -> Result<bool,
 /// that are not stored.
 ///
 /// # Panics
-/// If subgroups do not fit this device, if a row of an operand (in any batch and head) does not
-/// start on a 16-byte boundary, if the length read along operand rows is not a multiple of 4
-/// (`cols` for nn and tn, `inner` for nt), or if a binding ends before the last float that its
-/// products read or write. Shapes come from the model, not from user input.
+/// If subgroups do not fit this device, or if a row of an operand (in any batch and head) does
+/// not start on a 16-byte boundary. Also if the length read along operand rows is not a multiple
+/// of 4 (`cols` for nn and tn, `inner` for nt), or if a binding ends before the last float that
+/// its products read or write. Shapes come from the model, not from user input.
 pub(crate) fn batched_subgroup(
     gpu: &Gpu,
     label: &str,
@@ -854,7 +854,8 @@ pub(crate) fn batched_subgroup(
     let Batched { form, rows, cols, inner, products, heads, lhs: lhs_operand, rhs: rhs_operand, out, accumulate, narrow } = *batched;
     assert!(subgroups_fit(gpu), "`{label}`: batched products need 8-lane subgroups");
     assert!(rows.min(cols).min(inner) > 0, "`{label}`: batched product {batched:?} has an empty dimension");
-    assert!(heads > 0 && products > 0, "`{label}`: batched product {batched:?} has no products");
+    assert!(heads > 0, "`{label}`: batched product {batched:?} has no heads");
+    assert!(products > 0, "`{label}`: batched product {batched:?} has no products");
     assert!(products.is_multiple_of(heads), "`{label}`: {products} products are not whole batches of {heads} heads");
     let along_rows = match form {
         Form::Nn | Form::Tn => cols,
