@@ -22,16 +22,16 @@
 // tensor whose length is not a multiple of 4, the lanes past `len` keep their stored values.
 //
 // adamw_update_rows is the same update for a table whose gradient reaches only some rows per
-// step, the token embedding of a classifier. `rows` lists the table's flagged rows (a count, then
-// row indices, each row of `row_len` floats): the host flags a row before the step in which it
-// first receives a gradient, and the dispatch covers only the listed rows, indirectly sized by
-// the host. An unflagged row has m = v = 0 and a zero gradient, for which the update above reduces
-// to param = param * (1 - lr * weight_decay). The kernel leaves such rows alone, and the host
-// applies the owed factors later with shaders/deferred_decay.wgsl, bit for bit the same product,
-// before anything reads the row. Flagging a row that never receives a gradient costs time but
-// changes nothing.
-// NOTE: bit-for-bit equality assumes the driver rounds `decayed` alike here and in
-// shaders/deferred_decay.wgsl. SPIR-V lets it contract a multiply and an add into an fma
+// step, the token embedding of a classifier. `rows` lists rows (a count, then row indices, each
+// row of `row_len` floats): the host lists the rows of the step's tokens, and the dispatch covers
+// only those, indirectly sized by the host. Every other row has a zero gradient, for which the
+// update above reduces to decaying the moments and the weight and stepping along the decayed
+// moments. The kernel leaves such rows alone, and the host applies the steps they owe later with
+// shaders/deferred_update.wgsl, bit for bit the same arithmetic, before anything reads the row.
+// Listing a row that has no gradient costs time but changes nothing, provided the row owes no
+// earlier step.
+// NOTE: bit-for-bit equality assumes the driver rounds update_quad()'s expressions alike here and
+// in shaders/deferred_update.wgsl. SPIR-V lets it contract a multiply and an add into an fma
 // differently in each; lavapipe does not, as the tests show.
 
 const WORKGROUP_SIZE: u32 = 256u;
@@ -103,7 +103,7 @@ fn clip_factor() -> f32 {
     return min(1.0, step.max_norm / (total * step.grad_scale + CLIP_EPSILON));
 }
 
-// param * (1 - lr * weight_decay), the decoupled weight decay; shaders/deferred_decay.wgsl
+// param * (1 - lr * weight_decay), the decoupled weight decay; shaders/deferred_update.wgsl
 // computes the same expression, so that both round alike.
 fn decayed(p: vec4<f32>) -> vec4<f32> {
     return p * (1.0 - step.lr * params.weight_decay);

@@ -10,9 +10,8 @@
 //                    (the token embedding of a classifier) is summed this way.
 // norm_row_sums_listed: the same for the rows listed in `rows` (a count, then row indices) only,
 //                    in a dispatch that the host sizes indirectly (see adamw_update_rows in
-//                    shaders/adamw.wgsl). The partial sum of an unlisted row, whose gradient is
-//                    zero, stays the +0 it was created with, so both entry points give the same
-//                    bits.
+//                    shaders/adamw.wgsl). The host keeps the partial sum of an unlisted row, whose
+//                    gradient is zero, at +0, so both entry points give the same bits.
 //
 // Every reduction runs in a fixed order (loops in index order, trees over the workgroup), never
 // with atomics, so two runs give bitwise-identical norms.

@@ -5,7 +5,7 @@ use super::plan::{Kernel, Plan, PlanOptions, RowNorm, Storage};
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
-use crate::kernels::{adamw, attention, crossentropy, deferred_decay, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
+use crate::kernels::{adamw, attention, crossentropy, deferred_update, dropout, embedding, f16_weights, gelu, layernorm, matmul, nf4, norm, pooling, residual};
 use crate::model::weights::{HostTensor, Weights};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -146,89 +146,133 @@ pub struct Session<'g> {
     /// Distinct token ids of the batch last written by [`Session::set_inputs`], when some table
     /// has row flags.
     batch_tokens: RefCell<Vec<u32>>,
-    /// (lr, norm) of each optimizer step since the log was last emptied. The unflagged rows of
-    /// the tables above may still owe these steps' weight decay (see
-    /// `shaders/deferred_decay.wgsl`). `None` without such tables.
-    decay_log: Option<wgpu::Buffer>,
-    /// Steps in `decay_log`.
+    /// (lr, norm, bias corrections) of each optimizer step since the log was last emptied. The
+    /// rows of the tables above that were not listed in a step still owe that step's update (see
+    /// `shaders/deferred_update.wgsl`). `None` without such tables.
+    step_log: Option<wgpu::Buffer>,
+    /// Steps in `step_log`.
     logged_steps: Cell<u32>,
-    /// Steps that `decay_log` may hold before every row settles: [`DECAY_LOG_STEPS`], fewer in
+    /// Steps that `step_log` may hold before every row settles: [`STEP_LOG_STEPS`], fewer in
     /// tests.
-    decay_log_steps: u32,
+    step_log_steps: u32,
 }
 
-/// Optimizer steps the decay log holds; when it is full, every row settles its owed decay and
-/// the log starts again.
-/// NOTE: that settle applies up to this many factors to every unflagged row in one dispatch. Not
-/// measured: by estimate a few seconds on lavapipe for GPT-2 small, once per 1,024 steps.
-const DECAY_LOG_STEPS: u32 = 1024;
+/// Optimizer steps the step log holds; when it is full, every row settles what it owes and the
+/// log starts again.
+/// NOTE: that settle applies up to this many steps to every row in one dispatch. Not measured:
+/// by estimate a few seconds on lavapipe for GPT-2 small, once per 1,024 steps.
+const STEP_LOG_STEPS: u32 = 1024;
 
-/// The host copy of one table's row flags (see [`RowFlags`](super::plan::RowFlags)), which the host sets and uploads
-/// before the first training step that gives a row a gradient, and the weight decay that its
-/// unflagged rows owe.
+/// The host copy of one table's row lists (see [`RowFlags`](super::plan::RowFlags)): the rows
+/// that the current optimizer step's batches give a gradient, which the host lists and uploads
+/// before each micro-batch, and the steps that the other rows still owe.
 struct TouchedRows {
     /// Model weight whose table (or row chunk) the flags cover.
     weight: String,
     /// The table's parameter tensor.
     param: TensorId,
-    /// Device list of the flagged rows.
+    /// Its AdamW moments, m and v.
+    moments: [TensorId; 2],
+    /// Device list of the rows of the current optimizer step.
     flags: TensorId,
     row_len: usize,
     /// Row of the whole weight that `host[0]` corresponds to.
     row_offset: usize,
-    /// Per row, 1 when flagged.
-    host: Vec<u32>,
-    /// The flagged rows, in the order they were flagged.
+    /// Per row, [`LISTED`] and [`MOMENTS`] bits.
+    host: Vec<u8>,
+    /// The rows of the current optimizer step, in the order they were listed.
     listed_rows: Vec<u32>,
     /// Rows of `listed_rows` that the device list already holds.
     uploaded_rows: usize,
+    /// The count that the device list holds, `None` when the next upload must write the list
+    /// whatever its length: before the first upload, and after each step, whose rows the device
+    /// list holds until the next upload replaces them.
+    device_count: Option<usize>,
     /// Workgroup counts of the AdamW and norm dispatches over the listed rows.
     adamw_counts: wgpu::Buffer,
     norm_counts: wgpu::Buffer,
-    /// Per unflagged row, the first logged step whose weight decay the row still owes; it is up
-    /// to date when this equals the session's `logged_steps`. AdamW keeps flagged rows up to
-    /// date, and this value means nothing for them.
+    /// The gradient norm's partial sums and the index of this table's first one, one per row,
+    /// when the session clips. Only the listed rows' sums are written, so the others must hold
+    /// +0: each step starts by zeroing the table's range.
+    norm_partials: Option<(TensorId, usize)>,
+    /// Per row, the first logged step that the row still owes; it is up to date when this
+    /// equals the session's `logged_steps`.
     owed_from: Vec<u32>,
-    /// Rows (and their first owed step) for `settle` to decay, and its workgroup counts.
+    /// Rows (and their first owed step) for `settle` to update, and its workgroup counts.
     list: wgpu::Buffer,
     settle_counts: wgpu::Buffer,
-    /// Applies the decay that the rows in `list` owe.
+    /// Applies the steps that the rows in `list` owe.
     settle: Dispatch,
 }
 
+/// Row bit of [`TouchedRows::host`]: listed for the current optimizer step.
+const LISTED: u8 = 1;
+/// Row bit of [`TouchedRows::host`]: the moments may be nonzero (the row had a gradient).
+const MOMENTS: u8 = 2;
+
 impl TouchedRows {
-    /// Flags the rows (numbered in the whole weight) that fall in this table.
-    fn flag(&mut self, rows: impl Iterator<Item = usize>) {
+    /// Lists the rows (numbered in the whole weight) that fall in this table for the current
+    /// optimizer step. They must be up to date: AdamW updates listed rows in full.
+    fn list_rows(&mut self, rows: impl Iterator<Item = usize>) {
         for row in rows {
             let Some(r) = row.checked_sub(self.row_offset).filter(|&r| r < self.host.len()) else { continue };
-            if self.host[r] != 0 {
+            if self.host[r] & LISTED != 0 {
                 continue;
             }
-            self.host[r] = 1;
+            self.host[r] |= LISTED | MOMENTS;
             self.listed_rows.push(r as u32);
         }
     }
 
-    /// Writes the list of rows that owe the decay of logged steps `from..end`, as `(row, from)`
-    /// pairs, and the workgroup counts of `settle` over them.
-    fn write_owed(&self, gpu: &Gpu, end: u32, rows: &[(u32, u32)]) {
-        gpu.write(&self.list, 0, &deferred_decay::list(end, rows));
-        gpu.write(&self.settle_counts, 0, &deferred_decay::rows_workgroups(gpu, rows.len(), self.row_len));
+    /// Ends the optimizer step of the listed rows, which AdamW brought up to date through logged
+    /// step `end - 1`: from now on they owe the steps from `end` on, like the others.
+    fn end_step(&mut self, end: u32) {
+        for &r in &self.listed_rows {
+            self.host[r as usize] &= !LISTED;
+            self.owed_from[r as usize] = end;
+        }
+        self.listed_rows.clear();
+        self.uploaded_rows = 0;
+        // The next upload rewrites the list even if the next step lists as many rows.
+        self.device_count = None;
     }
 
-    /// Uploads the rows flagged since the last upload, and the workgroup counts of the
+    /// Returns the rows `r` that owe logged steps before `end` (whose `owed_from[r]` is below
+    /// it), and counts them as up to date from now on.
+    fn take_owed(&mut self, end: u32, rows: impl Iterator<Item = usize>) -> Vec<deferred_update::Owed> {
+        let mut owed = Vec::new();
+        for r in rows {
+            if self.owed_from[r] < end {
+                owed.push(deferred_update::Owed { row: r as u32, from: self.owed_from[r], moments: self.host[r] & MOMENTS != 0 });
+                self.owed_from[r] = end;
+            }
+        }
+        owed
+    }
+
+    /// Writes the list of rows that owe logged steps before `end`, and the workgroup counts of
+    /// `settle` over them.
+    fn write_owed(&self, gpu: &Gpu, end: u32, rows: &[deferred_update::Owed]) {
+        gpu.write(&self.list, 0, &deferred_update::list(end, rows));
+        gpu.write(&self.settle_counts, 0, &deferred_update::rows_workgroups(gpu, rows.len(), self.row_len));
+    }
+
+    /// Uploads the rows listed since the last upload, and the workgroup counts of the
     /// dispatches over the listed rows.
     fn upload(&mut self, gpu: &Gpu, dedicated: &HashMap<TensorId, wgpu::Buffer>) {
-        if self.uploaded_rows == self.listed_rows.len() {
+        let listed = self.listed_rows.len();
+        if self.device_count == Some(listed) {
             return;
         }
         let flags = &dedicated[&self.flags];
-        let listed = self.listed_rows.len();
         gpu.write(flags, 0, &[listed as u32]);
-        gpu.write(flags, 4 * (1 + self.uploaded_rows as u64), &self.listed_rows[self.uploaded_rows..]);
+        if self.uploaded_rows < listed {
+            gpu.write(flags, 4 * (1 + self.uploaded_rows as u64), &self.listed_rows[self.uploaded_rows..]);
+        }
         gpu.write(&self.adamw_counts, 0, &adamw::rows_workgroups(gpu, listed, self.row_len));
         gpu.write(&self.norm_counts, 0, &norm::rows_workgroups(gpu, listed));
         self.uploaded_rows = listed;
+        self.device_count = Some(listed);
     }
 }
 
@@ -307,9 +351,9 @@ impl<'g> Session<'g> {
             loss_log: None,
             touched_rows: RefCell::new(Vec::new()),
             batch_tokens: RefCell::new(Vec::new()),
-            decay_log: None,
+            step_log: None,
             logged_steps: Cell::new(0),
-            decay_log_steps: DECAY_LOG_STEPS,
+            step_log_steps: STEP_LOG_STEPS,
         };
         session.touched_rows = RefCell::new(session.row_flag_tables()?);
         session.upload_weights(weights)?;
@@ -442,7 +486,8 @@ impl<'g> Session<'g> {
         if chunks.is_empty() {
             return Ok(None);
         }
-        if suffix.is_empty() && self.has_row_table(name) {
+        if suffix != ".grad" && self.has_row_table(name) {
+            // The rows that owe steps hold stale values and moments.
             self.settle_all_rows()?;
         }
         let mut whole = vec![0.0f32; numel];
@@ -458,8 +503,7 @@ impl<'g> Session<'g> {
     /// `whole`, split into its row chunks. Returns false when the plan has no such buffer.
     pub fn write_param_state(&self, name: &str, suffix: &str, whole: &[f32]) -> Result<bool, GpuError> {
         if self.has_row_table(name) {
-            // Rows about to be flagged or overwritten must not keep owing decay: afterwards no
-            // row owes any.
+            // Rows about to be overwritten must not keep owing steps: afterwards no row owes any.
             self.settle_all_rows()?;
         }
         let chunks = self.state_chunks(name, suffix);
@@ -468,26 +512,30 @@ impl<'g> Session<'g> {
             self.gpu.write(&self.dedicated[&id], 0, &whole[start..start + len]);
         }
         if suffix == ".adam_m" || suffix == ".adam_v" {
-            // Rows with nonzero moments need the full update from now on.
+            // Rows with nonzero moments owe moment updates, not just weight decay, from now on.
             for table in self.touched_rows.borrow_mut().iter_mut().filter(|t| t.weight == name) {
-                let nonzero = whole.chunks(table.row_len).enumerate().filter(|(_, row)| row.iter().any(|&x| x != 0.0)).map(|(r, _)| r);
-                table.flag(nonzero);
-                table.upload(self.gpu, &self.dedicated);
+                let first = table.row_offset * table.row_len;
+                let rows = whole[first..first + table.host.len() * table.row_len].chunks(table.row_len);
+                for (r, row) in rows.enumerate() {
+                    if row.iter().any(|&x| x != 0.0) {
+                        table.host[r] |= MOMENTS;
+                    }
+                }
             }
         }
         Ok(!chunks.is_empty())
     }
 
-    /// Returns whether model weight `name` has a table whose unflagged rows may owe decay.
+    /// Returns whether model weight `name` has a table whose rows may owe steps.
     fn has_row_table(&self, name: &str) -> bool {
         self.touched_rows.borrow().iter().any(|table| table.weight == name)
     }
 
-    /// Lets the decay log hold only `steps` steps (at most [`DECAY_LOG_STEPS`]), so that tests
+    /// Lets the step log hold only `steps` steps (at most [`STEP_LOG_STEPS`]), so that tests
     /// reach the point where it fills.
     #[cfg(test)]
-    pub(crate) fn set_decay_log_steps(&mut self, steps: u32) {
-        self.decay_log_steps = steps.min(DECAY_LOG_STEPS);
+    pub(crate) fn set_step_log_steps(&mut self, steps: u32) {
+        self.step_log_steps = steps.min(STEP_LOG_STEPS);
     }
 
     /// Sets the seed from which every training micro-batch derives its dropout mask.
@@ -502,13 +550,13 @@ impl<'g> Session<'g> {
     }
 
     /// Reads a tensor by name (an output, a parameter or a parameter gradient). Reading a table
-    /// whose unflagged rows owe weight decay first applies all of it (a pass over the table).
+    /// or moments whose rows owe steps first applies all of them (a pass over the table).
     pub fn read_tensor(&self, name: &str) -> Result<Option<Vec<f32>>, GpuError> {
         let Some(&id) = self.by_name.get(name) else { return Ok(None) };
         if self.plan.storage[id] != Storage::Dedicated {
             return Ok(None);
         }
-        if self.touched_rows.borrow().iter().any(|table| table.param == id) {
+        if self.touched_rows.borrow().iter().any(|table| table.param == id || table.moments.contains(&id)) {
             self.settle_all_rows()?;
         }
         let len = self.plan.graph.tensors[id].len();
@@ -541,102 +589,111 @@ impl<'g> Session<'g> {
         }
     }
 
-    /// Creates the host copies of the plan's row flags, every row unflagged because the moments
-    /// start at 0, and the decay log and dispatches that settle what unflagged rows owe.
+    /// Creates the host copies of the plan's row lists, every row up to date and with zero
+    /// moments, and the step log and dispatches that settle what the rows owe.
     fn row_flag_tables(&mut self) -> Result<Vec<TouchedRows>, GpuError> {
-        let rows: Vec<(TensorId, usize, super::plan::RowFlags)> = self
+        let rows: Vec<(TensorId, usize, [TensorId; 2], super::plan::RowFlags)> = self
             .plan
             .kernels
             .iter()
             .filter_map(|kernel| match kernel {
-                Kernel::AdamW { param, len, rows: Some(rows), .. } => Some((*param, *len, *rows)),
+                Kernel::AdamW { param, len, m, v, rows: Some(rows), .. } => Some((*param, *len, [*m, *v], *rows)),
                 _ => None,
             })
             .collect();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
-        let log = self.gpu.storage_buffer("decay log", u64::from(DECAY_LOG_STEPS) * deferred_decay::STEP_BYTES)?;
-        let max_norm = self.settings.max_norm();
+        let log = self.gpu.storage_buffer("step log", u64::from(STEP_LOG_STEPS) * deferred_update::STEP_BYTES)?;
+        let s = &self.settings;
+        let constants = deferred_update::Constants { weight_decay: s.weight_decay, max_norm: s.max_norm(), beta1: s.beta1, beta2: s.beta2, eps: s.eps };
         let mut tables = Vec::new();
-        for (param, len, flags) in rows {
+        for (param, len, [m, v], flags) in rows {
             let source = self.plan.graph.params.iter().find(|p| p.tensor == param).expect("every trained tensor is a model weight");
             let count = len / flags.row_len;
             let name = self.name(param).to_string();
-            let list = self.gpu.storage_buffer(&format!("{name} owed rows"), (deferred_decay::list_len(count) * 4) as u64)?;
-            let settle_counts = self.gpu.indirect_buffer(&format!("{name} deferred decay workgroups"));
-            let decay = self.settings.weight_decay;
-            let (param_binding, label) = (self.binding(param), format!("deferred decay {name}"));
-            let settle = deferred_decay::decay_rows(
-                self.gpu,
-                &label,
-                len,
-                flags.row_len,
-                decay,
-                max_norm,
-                count,
-                (&log).into(),
-                (&list).into(),
-                param_binding,
-                &settle_counts,
-            )?;
+            let list = self.gpu.storage_buffer(&format!("{name} owed rows"), (deferred_update::list_len(count) * 4) as u64)?;
+            let settle_counts = self.gpu.indirect_buffer(&format!("{name} deferred update workgroups"));
+            let label = format!("deferred update {name}");
+            let state = [self.binding(param), self.binding(m), self.binding(v)];
+            let settle = deferred_update::settle_rows(self.gpu, &label, len, flags.row_len, constants, count, (&log).into(), (&list).into(), state, &settle_counts)?;
+            let norm_partials = self.plan.kernels.iter().find_map(|kernel| match kernel {
+                Kernel::NormPartials { partials, offset, rows: Some(RowNorm { listed: Some(listed), .. }), .. } if *listed == flags.flags => {
+                    Some((*partials, *offset))
+                }
+                _ => None,
+            });
             tables.push(TouchedRows {
                 weight: source.name.clone(),
                 param,
+                moments: [m, v],
                 flags: flags.flags,
                 row_len: flags.row_len,
                 row_offset: flags.row_offset,
                 host: vec![0; count],
                 listed_rows: Vec::new(),
                 uploaded_rows: 0,
+                device_count: None,
                 adamw_counts: self.gpu.indirect_buffer(&format!("{name} adamw workgroups")),
                 norm_counts: self.gpu.indirect_buffer(&format!("{name} norm workgroups")),
+                norm_partials,
                 owed_from: vec![0; count],
                 list,
                 settle_counts,
                 settle,
             });
         }
-        self.decay_log = Some(log);
+        self.step_log = Some(log);
         Ok(tables)
     }
 
-    /// Flags the rows of the tokens of the batch about to train and uploads the newly listed
-    /// rows, before the step that gives those rows a gradient.
+    /// Lists the rows of the tokens of the batch about to train for the current optimizer step
+    /// and uploads the newly listed rows, before the micro-batch that gives those rows a
+    /// gradient.
     fn flag_batch_rows(&self) {
         let tokens = self.batch_tokens.borrow();
         for table in self.touched_rows.borrow_mut().iter_mut() {
-            table.flag(tokens.iter().map(|&id| id as usize));
+            table.list_rows(tokens.iter().map(|&id| id as usize));
             table.upload(self.gpu, &self.dedicated);
         }
     }
 
-    /// Writes the list of the batch's unflagged rows that owe weight decay, for each table, and
-    /// returns the indices of the tables whose `settle` dispatch must run before the
-    /// forward pass reads those rows. The host copy counts them as settled from now on.
+    /// Ends the optimizer step for every table's listed rows: AdamW brought them up to date.
+    /// Also zeroes the tables' partial sums of the gradient norm. The queue runs that write
+    /// before the commands of its next submission, so the norm kernel of any later step finds
+    /// +0 in every row it does not list, as if it had summed their zero gradients.
+    fn end_step_rows(&self) {
+        let end = self.logged_steps.get();
+        for table in self.touched_rows.borrow_mut().iter_mut() {
+            if let Some((partials, first)) = table.norm_partials {
+                let zeros = vec![0.0f32; table.host.len()];
+                self.gpu.write(&self.dedicated[&partials], 4 * first as u64, &zeros);
+            }
+            table.end_step(end);
+        }
+    }
+
+    /// Writes the list of the batch's rows that owe logged steps, for each table, and returns
+    /// the indices of the tables whose `settle` dispatch must run before the forward pass reads
+    /// those rows. The host copy counts them as up to date from now on.
     fn owed_batch_rows(&self) -> Vec<usize> {
         let end = self.logged_steps.get();
         let tokens = self.batch_tokens.borrow();
         let mut owing = Vec::new();
         for (k, table) in self.touched_rows.borrow_mut().iter_mut().enumerate() {
-            let mut rows = Vec::new();
-            for &id in tokens.iter() {
-                let Some(r) = (id as usize).checked_sub(table.row_offset).filter(|&r| r < table.host.len()) else { continue };
-                if table.host[r] == 0 && table.owed_from[r] < end {
-                    rows.push((r as u32, table.owed_from[r]));
-                    table.owed_from[r] = end;
-                }
-            }
-            if !rows.is_empty() {
-                table.write_owed(self.gpu, end, &rows);
+            let (offset, count) = (table.row_offset, table.host.len());
+            let rows = tokens.iter().filter_map(|&id| (id as usize).checked_sub(offset).filter(|&r| r < count));
+            let owed = table.take_owed(end, rows);
+            if !owed.is_empty() {
+                table.write_owed(self.gpu, end, &owed);
                 owing.push(k);
             }
         }
         owing
     }
 
-    /// Applies every weight decay that unflagged rows owe, then empties the decay log: before
-    /// the host reads a table, and when the log is full.
+    /// Applies every step that rows owe, then empties the step log: before the host reads a
+    /// table or its moments, and when the log is full.
     fn settle_all_rows(&self) -> Result<(), GpuError> {
         let end = self.logged_steps.get();
         if end == 0 {
@@ -645,12 +702,9 @@ impl<'g> Session<'g> {
         let mut tables = self.touched_rows.borrow_mut();
         let mut owing = Vec::new();
         for (k, table) in tables.iter_mut().enumerate() {
-            let rows: Vec<(u32, u32)> = (0..table.host.len())
-                .filter(|&r| table.host[r] == 0 && table.owed_from[r] < end)
-                .map(|r| (r as u32, table.owed_from[r]))
-                .collect();
-            if !rows.is_empty() {
-                table.write_owed(self.gpu, end, &rows);
+            let owed = table.take_owed(end, 0..table.host.len());
+            if !owed.is_empty() {
+                table.write_owed(self.gpu, end, &owed);
                 owing.push(k);
             }
             table.owed_from.fill(0);
@@ -659,15 +713,15 @@ impl<'g> Session<'g> {
         if owing.is_empty() {
             return Ok(());
         }
-        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deferred decay") });
+        let mut encoder = self.gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("deferred update") });
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("deferred decay"), timestamp_writes: None });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("deferred update"), timestamp_writes: None });
             for &k in &owing {
                 tables[k].settle.record(&mut pass);
             }
         }
         self.gpu.queue.submit(Some(encoder.finish()));
-        self.gpu.check_errors("deferred weight decay")
+        self.gpu.check_errors("deferred row updates")
     }
 
     /// Records the forward pass, and with `train` the backward pass, into one command encoder
@@ -687,10 +741,10 @@ impl<'g> Session<'g> {
         }
         // A step that runs the optimizer: with an update, the training dispatches run to the end.
         let optimizer = train && update.is_some();
-        if optimizer && self.logged_steps.get() >= self.decay_log_steps {
+        if optimizer && self.logged_steps.get() >= self.step_log_steps {
             self.settle_all_rows()?;
         }
-        // Before the flags change: flagged rows are always up to date.
+        // Before the rows are listed: listed rows must be up to date.
         let owing = self.owed_batch_rows();
         if train {
             self.micro_batches = if update.is_some() { 0 } else { self.micro_batches + 1 };
@@ -703,17 +757,19 @@ impl<'g> Session<'g> {
         } else {
             self.forward_dispatches + self.backward_dispatches
         };
+        let mut bias_corrections = [1.0f32; 2];
         if let Some(lr) = update {
             self.optimizer_steps += 1;
             let t = self.optimizer_steps as i32;
             let s = &self.settings;
+            bias_corrections = [1.0 - s.beta1.powi(t), 1.0 - s.beta2.powi(t)];
             let step = adamw::AdamWStep {
                 lr,
                 beta1: s.beta1,
                 beta2: s.beta2,
                 eps: s.eps,
-                bias_correction1: 1.0 - s.beta1.powi(t),
-                bias_correction2: 1.0 - s.beta2.powi(t),
+                bias_correction1: bias_corrections[0],
+                bias_correction2: bias_corrections[1],
                 max_norm: s.max_norm(),
                 grad_scale,
             };
@@ -736,14 +792,16 @@ impl<'g> Session<'g> {
                 self.dispatches[i].record(&mut pass);
             }
         }
-        if let (true, Some(lr), Some(log)) = (optimizer, update, &self.decay_log) {
-            // This step's learning rate and gradient norm, for the rows whose decay is deferred.
-            let at = u64::from(self.logged_steps.get()) * deferred_decay::STEP_BYTES;
+        if let (true, Some(lr), Some(log)) = (optimizer, update, &self.step_log) {
+            // This step's values, for the rows whose update is deferred.
+            let at = u64::from(self.logged_steps.get()) * deferred_update::STEP_BYTES;
             self.gpu.write(log, at, &[lr]);
+            self.gpu.write(log, at + deferred_update::BIAS_CORRECTIONS_OFFSET, &bias_corrections);
             if let Some(norm) = self.plan.norm {
-                encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_decay::NORM_OFFSET, 4);
+                encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_update::NORM_OFFSET, 4);
             }
             self.logged_steps.set(self.logged_steps.get() + 1);
+            self.end_step_rows();
         }
         if train {
             if let Some(log) = &mut self.loss_log {
@@ -793,8 +851,9 @@ impl<'g> Session<'g> {
             return Ok(None);
         }
         let end = if train { self.dispatches.len() } else { self.forward_dispatches };
-        // The profiled step runs AdamW with learning rate 0, so its decay factor 1 - lr * decay is
-        // exactly 1 and it is not logged. The rows it reads must still be up to date.
+        // The profiled step runs AdamW with learning rate 0, so it leaves the weights as they
+        // are and is not logged; it changes the moments of the rows it lists, which therefore
+        // end it up to date. The rows it reads must still be up to date.
         let owing = self.owed_batch_rows();
         if train {
             self.flag_batch_rows();
@@ -842,13 +901,17 @@ impl<'g> Session<'g> {
         self.gpu.queue.submit(Some(encoder.finish()));
         let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
         let period_ns = f64::from(self.gpu.queue.get_timestamp_period());
-        Ok(Some(
-            chosen
-                .iter()
-                .enumerate()
-                .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
-                .collect(),
-        ))
+        let timed = chosen
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
+            .collect();
+        drop(chosen);
+        drop(tables);
+        if train {
+            self.end_step_rows();
+        }
+        Ok(Some(timed))
     }
 
     /// Returns the indices of the dispatches a step records, of the first `end`: all of them,

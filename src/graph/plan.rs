@@ -80,18 +80,19 @@ pub(crate) enum Kernel {
     /// With `rows`, one partial sum per row (see [`RowNorm`]).
     NormPartials { len: usize, grad: TensorId, partials: TensorId, offset: usize, rows: Option<RowNorm> },
     NormFinalize { count: usize, partials: TensorId, norm: TensorId },
-    /// With `rows`, only the flagged rows get the full update (see [`RowFlags`]).
+    /// With `rows`, only the listed rows get the update (see [`RowFlags`]).
     AdamW { len: usize, param: TensorId, grad: TensorId, m: TensorId, v: TensorId, rows: Option<RowFlags> },
 }
 
-/// The flagged rows of a table whose gradient reaches only the rows of the tokens in the batch:
-/// the token embedding, when no tied language-model head adds to its gradient. The host flags a
-/// row before the first step that gives the row a gradient. The optimizer and the gradient norm
-/// (see [`RowNorm`]) read only flagged rows. An unflagged row, whose gradient and moments are 0,
-/// owes only its weight decay, which the executor applies before anything reads the row.
+/// The listed rows of a table whose gradient reaches only the rows of the tokens in the batch:
+/// the token embedding, when no tied language-model head adds to its gradient. Before each
+/// micro-batch the host lists the rows of its tokens, so that an optimizer step lists every row
+/// with a gradient. The optimizer and the gradient norm (see [`RowNorm`]) read only listed rows.
+/// Every other row has a zero gradient and owes the step (the decay of its moments and weight,
+/// and the step along its moments), which the executor applies before anything reads the row.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowFlags {
-    /// U32 tensor: the count of flagged rows, then their indices (room for every row).
+    /// U32 tensor: the count of listed rows, then their indices (room for every row).
     pub flags: TensorId,
     /// Floats per row.
     pub row_len: usize,
@@ -208,14 +209,14 @@ impl Kernel {
 }
 
 /// The gradient norm of a table whose gradient reaches only the rows of the batch's tokens (see
-/// [`row_sparse_table`]): one partial sum per row. A flagged session sums only the flagged rows,
-/// in the order a dense session sums every row, so both get the same bits.
+/// [`row_sparse_table`]): one partial sum per row. A session with row lists sums only the listed
+/// rows, in the order a dense session sums every row, so both get the same bits.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowNorm {
     /// Floats per row.
     pub row_len: usize,
-    /// The table's list of flagged rows ([`RowFlags::flags`]), when it has one. The partial sums
-    /// of the other rows then keep the zeros they were created with.
+    /// The table's list of rows ([`RowFlags::flags`]), when it has one. The partial sums of the
+    /// other rows must then hold +0, which the executor writes after each step.
     pub listed: Option<TensorId>,
 }
 
@@ -342,7 +343,7 @@ impl Plan {
         let mut norm = None;
         if options.train && !backward.param_grads.is_empty() {
             // The tables whose gradient reaches only the batch's rows get a norm summed per row
-            // and, with row flags on, a list of flagged rows. The AdamW row kernel reads whole
+            // and, with row flags on, a list of the step's rows. The AdamW row kernel reads whole
             // vec4s of one row, so only rows of a multiple of 4 floats get the list.
             let mut row_flags = HashMap::new();
             let mut row_norms = HashMap::new();

@@ -281,7 +281,7 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
     };
     let (mut dense, mut flagged) = (session(&weights, false), session(&weights, true));
     if settings.clip_grad_norm.is_some() {
-        flagged.set_decay_log_steps(2);
+        flagged.set_step_log_steps(2);
     }
     assert!(dense.summary().optimizer_bytes < flagged.summary().optimizer_bytes, "{case}: the flagged session should have row flags");
     let chunks = flagged.plan_param_names("wte.weight").len();
@@ -372,4 +372,15 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
         step(&mut resumed, s);
     }
     compare(&dense, &resumed, "after a resume and 2 more steps");
+
+    // Steps of one micro-batch each, over 8 distinct tokens like the two micro-batches of the
+    // step before, but other ones: the device list must change although its length does not.
+    for s in 7..9u32 {
+        let ids: Vec<u32> = (0..16).map(|i| 8 * s + 62 + i % 8).collect();
+        for session in [&mut dense, &mut resumed] {
+            session.set_inputs(&StepInputs { ids: &ids, lengths: &[8, 6], targets: &[1, 0] });
+            session.submit(true, Some(1e-2), 1.0).unwrap();
+        }
+    }
+    compare(&dense, &resumed, "after two steps that list as many rows as the one before");
 }

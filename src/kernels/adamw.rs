@@ -105,11 +105,11 @@ pub(crate) fn update(
 
 /// Applies the step of [`update`] to the rows of a table (rows of `row_len` floats) listed in
 /// `rows`: the count of listed rows, then their indices. The other rows are left alone: their
-/// exact update is the weight decay alone when their gradient and both moments are 0, which the
-/// caller applies later with [`deferred_decay`](super::deferred_decay). So the caller lists a row
-/// before the first step in which the row receives a gradient, and never removes it while the
-/// moments may be nonzero. The dispatch reads its workgroup counts from `counts`, which the caller
-/// sets to [`rows_workgroups`] whenever the list grows.
+/// gradient is 0, and the caller applies the update that a zero gradient gives later with
+/// [`deferred_update`](super::deferred_update). So the caller lists every row that has a
+/// gradient in this step, each brought up to date with the earlier steps first. The dispatch
+/// reads its workgroup counts from `counts`, which the caller sets to [`rows_workgroups`]
+/// whenever the list changes.
 ///
 /// # Shapes
 /// - `param`, `grad`, `m`, `v`: (N) with N = `len`, a multiple of `row_len`
@@ -301,24 +301,22 @@ mod tests {
         check_steps(33, 100.0, 0.01, 1.0);
     }
 
-    /// The row variant runs on a table with three kinds of rows. Some never had a gradient (zero
-    /// moments and gradient, never listed), some have one now (listed), and some had one before
-    /// but not in this step (listed, zero gradient, nonzero moments). Rows that are not listed
-    /// get their weight decay later from `deferred_decay::decay_rows`: rows about to be listed
-    /// just before their first listed step, the rest in two parts, after step 2 and at the end.
-    /// The learning rate changes every
-    /// step and one step is skipped. After each step the moments, the gradients and the listed
-    /// rows, and at the end every value, equal bit for bit what the full update gives.
+    /// The row variant runs on a table with four kinds of rows: some have a gradient at every
+    /// step, some at steps 1 and 4, some from step 3 on, the others never. Each step lists only
+    /// the rows with a gradient. Before it, `deferred_update::settle_rows` applies to those rows
+    /// the steps they missed: the moments' decay and step where they had a gradient before, the
+    /// weight decay alone elsewhere. Some unlisted rows also settle
+    /// after step 2, and every row at the end. The learning rate changes every step and step 3
+    /// is skipped. After each step the gradients and the listed rows, and at the end every
+    /// value, equal bit for bit what the full update gives.
     #[test]
     fn adamw_rows_match_full_update() {
-        use crate::kernels::deferred_decay;
+        use crate::kernels::deferred_update::{self, Owed};
         let Some(gpu) = test_gpu().filter(|gpu| gpu.indirect_dispatch()) else { return };
         let (rows, row_len) = (23, 12);
         let len = rows * row_len;
         let initial = random_vec(len, 7);
-        // Rows 0, 5, 10, ... receive a gradient at every step, rows 1, 6, 11, ... at step 1 only,
-        // rows 3, 8, 13, ... from step 3 on; the others never.
-        let hit = |row: usize, step: u32| row % 5 == 0 || (row % 5 == 1 && step == 1) || (row % 5 == 3 && step >= 3);
+        let hit = |row: usize, step: u32| row % 5 == 0 || (row % 5 == 1 && (step == 1 || step == 4)) || (row % 5 == 3 && step >= 3);
         let full: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
         let sparse: Vec<wgpu::Buffer> = ["param", "grad", "m", "v"].iter().map(|n| gpu.upload(n, &vec![0.0f32; len]).unwrap()).collect();
         gpu.write(&full[0], 0, &initial);
@@ -328,44 +326,55 @@ mod tests {
         let counts = gpu.indirect_buffer("adamw workgroups");
         let step_buffer = gpu.storage_buffer("step", std::mem::size_of::<AdamWStep>() as u64).unwrap();
         let norm = gpu.storage_buffer("norm", 4).unwrap();
-        let steps = gpu.storage_buffer("decay log", 8 * deferred_decay::STEP_BYTES).unwrap();
-        let owed = gpu.storage_buffer("owed rows", (deferred_decay::list_len(rows) * 4) as u64).unwrap();
+        let steps = gpu.storage_buffer("step log", 8 * deferred_update::STEP_BYTES).unwrap();
+        let owed = gpu.storage_buffer("owed rows", (deferred_update::list_len(rows) * 4) as u64).unwrap();
         let max_norm = 1.0;
-        let settle_counts = gpu.indirect_buffer("decay workgroups");
-        let settle = |list: &[(u32, u32)], end: u32| {
-            gpu.write(&owed, 0, &deferred_decay::list(end, list));
-            gpu.write(&settle_counts, 0, &deferred_decay::rows_workgroups(gpu, list.len(), row_len));
-            let (param, list_binding) = ((&sparse[0]).into(), (&owed).into());
-            let d = deferred_decay::decay_rows(gpu, "decay", len, row_len, 0.1, max_norm, rows, (&steps).into(), list_binding, param, &settle_counts).unwrap();
-            gpu.run("deferred decay test", &[d]).unwrap();
+        let constants = deferred_update::Constants { weight_decay: 0.1, max_norm, beta1: HYPER.beta1 as f32, beta2: HYPER.beta2 as f32, eps: HYPER.eps as f32 };
+        let settle_counts = gpu.indirect_buffer("settle workgroups");
+        // Per row, the first logged step it owes and whether it ever had a gradient.
+        let mut owed_from = vec![0u32; rows];
+        let mut moments = vec![false; rows];
+        let settle = |which: &[usize], end: u32, owed_from: &mut [u32], moments: &[bool]| {
+            let list: Vec<Owed> = which
+                .iter()
+                .filter(|&&r| owed_from[r] < end)
+                .map(|&r| Owed { row: r as u32, from: owed_from[r], moments: moments[r] })
+                .collect();
+            for &r in which {
+                owed_from[r] = end;
+            }
+            gpu.write(&owed, 0, &deferred_update::list(end, &list));
+            gpu.write(&settle_counts, 0, &deferred_update::rows_workgroups(gpu, list.len(), row_len));
+            let state = [(&sparse[0]).into(), (&sparse[2]).into(), (&sparse[3]).into()];
+            let d = deferred_update::settle_rows(gpu, "settle", len, row_len, constants, rows, (&steps).into(), (&owed).into(), state, &settle_counts).unwrap();
+            gpu.run("deferred update test", &[d]).unwrap();
+            list.len()
         };
-        let mut rows_listed: Vec<u32> = Vec::new();
+        let mut settled_with_moments = 0;
         for step in 1..=5u32 {
             let mut g = random_vec(len, 200 + u64::from(step));
-            let mut newly = Vec::new();
+            let hit_rows: Vec<usize> = (0..rows).filter(|&r| hit(r, step)).collect();
             for (row, chunk) in g.chunks_mut(row_len).enumerate() {
                 if !hit(row, step) {
                     chunk.fill(0.0);
-                } else if !rows_listed.contains(&(row as u32)) {
-                    newly.push(row as u32);
                 }
             }
-            // A row listed for the first time first pays the decay of every earlier step.
-            settle(&newly.iter().map(|&r| (r, 0)).collect::<Vec<_>>(), step - 1);
-            rows_listed.extend(&newly);
-            // Step 3 has a non-finite norm and is skipped.
+            // Logged steps 0 .. step - 2 are steps 1 .. step - 1.
+            settled_with_moments += hit_rows.iter().filter(|&&r| moments[r] && owed_from[r] < step - 1).count();
+            settle(&hit_rows, step - 1, &mut owed_from, &moments);
             let total = if step == 3 { f32::NAN } else { global_norm(&[&to_f64(&g)]) as f32 };
             for buffers in [&full, &sparse] {
                 gpu.write(&buffers[1], 0, &g);
             }
-            let mut list = vec![rows_listed.len() as u32];
-            list.extend(&rows_listed);
+            let mut list = vec![hit_rows.len() as u32];
+            list.extend(hit_rows.iter().map(|&r| r as u32));
             gpu.write(&listed, 0, &list);
-            gpu.write(&counts, 0, &rows_workgroups(gpu, rows_listed.len(), row_len));
+            gpu.write(&counts, 0, &rows_workgroups(gpu, hit_rows.len(), row_len));
             gpu.write(&norm, 0, &[total]);
             let values = AdamWStep { lr: 1e-3 * (1.0 + 0.5 * step as f32), ..step_values(step, max_norm, 1.0) };
             gpu.write(&step_buffer, 0, &[values]);
-            gpu.write(&steps, u64::from(step - 1) * deferred_decay::STEP_BYTES, &[values.lr, total]);
+            let logged = [values.lr, total, values.bias_correction1, values.bias_correction2];
+            gpu.write(&steps, u64::from(step - 1) * deferred_update::STEP_BYTES, &logged);
 
             let plain = update(gpu, "adamw", len, 0.1, (&step_buffer).into(), (&norm).into(), state(&full[0], &full[1], &full[2], &full[3])).unwrap();
             let by_rows = update_rows(
@@ -382,10 +391,14 @@ mod tests {
             )
             .unwrap();
             gpu.run("adamw rows test", &[plain, by_rows]).unwrap();
+            for &r in &hit_rows {
+                owed_from[r] = step;
+                moments[r] = true;
+            }
             if step == 2 {
-                // The rows that were never listed settle the first two steps now, the rest at the end.
-                let unlisted: Vec<(u32, u32)> = (0..rows as u32).filter(|r| !rows_listed.contains(r) && !hit(*r as usize, 3)).map(|r| (r, 0)).collect();
-                settle(&unlisted, 2);
+                // Some rows that are not listed settle the first two steps now, the rest later.
+                let early: Vec<usize> = (0..rows).filter(|&r| !hit(r, 3) && r % 2 == 1).collect();
+                settle(&early, 2, &mut owed_from, &moments);
             }
 
             for (k, name) in ["param", "grad", "m", "v"].iter().enumerate() {
@@ -393,20 +406,26 @@ mod tests {
                 let got: Vec<u32> = gpu.read(&sparse[k], 0, len).unwrap();
                 for row in 0..rows {
                     let span = row * row_len..(row + 1) * row_len;
-                    if k > 0 || rows_listed.contains(&(row as u32)) {
+                    if k == 1 || hit(row, step) {
                         assert_eq!(got[span.clone()], want[span], "step {step}: {name} of row {row} differs from the full update");
                     }
                 }
             }
         }
+        assert!(settled_with_moments > 0, "no listed row caught up on moments it had before");
         let before: Vec<u32> = gpu.read(&sparse[0], 0, len).unwrap();
-        let unlisted: Vec<(u32, u32)> = (0..rows as u32).filter(|r| !rows_listed.contains(r)).map(|r| (r, 2)).collect();
-        assert!(unlisted.len() > 5, "some rows must never be listed");
-        settle(&unlisted, 5);
-        let want: Vec<u32> = gpu.read(&full[0], 0, len).unwrap();
+        let all: Vec<usize> = (0..rows).collect();
+        let with_moments = (0..rows).filter(|&r| moments[r] && owed_from[r] < 5).count();
+        assert!(with_moments > 2, "some rows with moments must owe steps at the end");
+        assert!(settle(&all, 5, &mut owed_from, &moments) > with_moments, "rows without moments must owe steps at the end");
+        for (k, name) in ["param", "m", "v"].iter().enumerate() {
+            let k = if k == 0 { 0 } else { k + 1 };
+            let want: Vec<u32> = gpu.read(&full[k], 0, len).unwrap();
+            let got: Vec<u32> = gpu.read(&sparse[k], 0, len).unwrap();
+            assert_eq!(got, want, "after settling every row, {name} differs from the full update");
+        }
         let got: Vec<u32> = gpu.read(&sparse[0], 0, len).unwrap();
-        assert_eq!(got, want, "after settling the owed decay, param differs from the full update");
-        assert_ne!(before, got, "the unlisted rows owed a decay that was never applied");
+        assert_ne!(before, got, "the rows owed updates that were never applied");
         let moved = got.iter().zip(&initial).filter(|(a, b)| f32::from_bits(**a) != **b).count();
         assert_eq!(moved, len, "the weight decay should move every parameter");
     }

@@ -13,7 +13,7 @@ pub(crate) mod adamw;
 pub(crate) mod attention;
 pub(crate) mod crossentropy;
 pub(crate) mod decode;
-pub(crate) mod deferred_decay;
+pub(crate) mod deferred_update;
 pub(crate) mod dropout;
 pub(crate) mod embedding;
 pub(crate) mod f16_weights;
@@ -47,7 +47,7 @@ pub(crate) const FAMILIES: &[&crate::gpu::ShaderFamily] = &[
     &crossentropy::FAMILY,
     &lmloss::FAMILY,
     &adamw::FAMILY,
-    &deferred_decay::FAMILY,
+    &deferred_update::FAMILY,
     &norm::FAMILY,
     &pooling::FAMILY,
     &decode::FAMILY,
@@ -72,7 +72,7 @@ pub(crate) const ENTRY_SIZES: &[&[(&crate::gpu::KernelEntry, u32)]] = &[
     crossentropy::ENTRIES,
     lmloss::ENTRIES,
     adamw::ENTRIES,
-    deferred_decay::ENTRIES,
+    deferred_update::ENTRIES,
     norm::ENTRIES,
     pooling::ENTRIES,
     decode::ENTRIES,

@@ -110,7 +110,7 @@ pub(crate) fn row_sums(
 /// table whose gradient is zero outside the listed rows, that gives the norm of the whole table
 /// provided the partial sums of the other rows hold +0 (never written, or written while the row
 /// was zero). The dispatch reads its workgroup counts from `counts`, which the caller sets to
-/// [`rows_workgroups`] whenever the list grows.
+/// [`rows_workgroups`] whenever the list changes.
 ///
 /// # Shapes
 /// - `grad`: (len), a whole number of rows
