@@ -72,6 +72,23 @@ fn pretrain_lowers_validation_loss_and_writes_a_language_model() {
     let model = shadertune::model::load::open_language_model(&out, 0).expect("the output loads as a language model");
     assert!(!model.random_init);
     assert_eq!(model.config.n_embd, 32);
+    assert!(settings(&out)["start_model"].is_null(), "a run from random weights records no starting model");
+
+    // Continuing from the output records where the weights came from.
+    let more = dir.path().join("more");
+    let mut args = pretrain_args(&config, &more, 1);
+    let at = args.iter().position(|a| a == "--config").unwrap();
+    args.splice(at..at + 2, ["--model".to_string(), out.display().to_string()]);
+    let output = shadertune().args(&args).output().unwrap();
+    assert!(output.status.success(), "pretrain --model failed: {}", String::from_utf8_lossy(&output.stderr));
+    let start = settings(&more)["start_model"].as_str().map(std::path::PathBuf::from);
+    assert_eq!(start, Some(std::path::absolute(&out).unwrap()), "the starting model should be recorded");
+}
+
+fn settings(out: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join("pretrain.json")).expect("pretrain.json written");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["settings"].clone()
 }
 
 #[test]

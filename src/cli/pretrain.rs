@@ -155,6 +155,7 @@ pub(crate) fn run(args: &PretrainArgs) -> anyhow::Result<()> {
                 seed: args.seed,
                 save_dtype: args.save_dtype.clone(),
                 redraw_unseen: args.redraw_unseen,
+                start_model: args.model.as_deref().map(std::path::absolute).transpose()?,
             };
             (Start::Model { config, weights }, settings, out, tokenizer)
         }

@@ -63,6 +63,10 @@ pub struct PretrainSettings {
     /// training text (see [`redraw_unseen_embeddings`]).
     #[serde(default)]
     pub redraw_unseen: bool,
+    /// The language-model directory whose weights the run started from (`--model`), or `None`
+    /// for weights initialised from `seed`. Recorded only: a resume starts from its checkpoint.
+    #[serde(default)]
+    pub start_model: Option<PathBuf>,
 }
 
 /// Errors of a pretraining run.
