@@ -159,8 +159,9 @@ pub struct Session<'g> {
 
 /// Optimizer steps the step log holds; when it is full, every row settles what it owes and the
 /// log starts again.
-/// NOTE: that settle applies up to this many steps to every row in one dispatch. Not measured:
-/// by estimate a few seconds on lavapipe for GPT-2 small, once per 1,024 steps.
+/// NOTE: that settle applies up to this many steps to every row in one dispatch: a product per
+/// value and step for rows without moments, and also a square root and two divisions for rows
+/// with moments. Not measured for the moments; by estimate seconds on lavapipe, once per 1,024 steps.
 const STEP_LOG_STEPS: u32 = 1024;
 
 /// The host copy of one table's row lists (see [`RowFlags`](super::plan::RowFlags)): the rows
@@ -184,16 +185,16 @@ struct TouchedRows {
     listed_rows: Vec<u32>,
     /// Rows of `listed_rows` that the device list already holds.
     uploaded_rows: usize,
-    /// The count that the device list holds, `None` when the next upload must write the list
-    /// whatever its length: before the first upload, and after each step, whose rows the device
-    /// list holds until the next upload replaces them.
+    /// The count in the device list, `None` when the next upload must write the list whatever
+    /// its length: before the first upload, and after each step, whose rows stay in the device
+    /// list until the next upload replaces them.
     device_count: Option<usize>,
     /// Workgroup counts of the AdamW and norm dispatches over the listed rows.
     adamw_counts: wgpu::Buffer,
     norm_counts: wgpu::Buffer,
     /// The gradient norm's partial sums and the index of this table's first one, one per row,
-    /// when the session clips. Only the listed rows' sums are written, so the others must hold
-    /// +0: each step starts by zeroing the table's range.
+    /// when the session computes the norm. Only the listed rows' sums are written, so the others
+    /// must be +0, and each step starts by zeroing the table's range.
     norm_partials: Option<(TensorId, usize)>,
     /// Per row, the first logged step that the row still owes; it is up to date when this
     /// equals the session's `logged_steps`.
@@ -487,7 +488,7 @@ impl<'g> Session<'g> {
             return Ok(None);
         }
         if suffix != ".grad" && self.has_row_table(name) {
-            // The rows that owe steps hold stale values and moments.
+            // The rows that owe steps contain stale values and moments.
             self.settle_all_rows()?;
         }
         let mut whole = vec![0.0f32; numel];
@@ -659,9 +660,9 @@ impl<'g> Session<'g> {
     }
 
     /// Ends the optimizer step for every table's listed rows: AdamW brought them up to date.
-    /// Also zeroes the tables' partial sums of the gradient norm. The queue runs that write
-    /// before the commands of its next submission, so the norm kernel of any later step finds
-    /// +0 in every row it does not list, as if it had summed their zero gradients.
+    /// Also zeroes the tables' partial sums of the gradient norm, which the callers do before
+    /// submitting the step: the queue runs that write first, so the step's norm kernel writes
+    /// its listed rows and finds +0 in every other row, as if it had summed their zero gradients.
     fn end_step_rows(&self) {
         let end = self.logged_steps.get();
         for table in self.touched_rows.borrow_mut().iter_mut() {
@@ -671,6 +672,21 @@ impl<'g> Session<'g> {
             }
             table.end_step(end);
         }
+    }
+
+    /// Logs an optimizer step recorded into `encoder` for the rows whose update is deferred (its
+    /// learning rate and bias corrections now, its gradient norm when the step has run), then
+    /// ends the step for the listed rows. Call before submitting the step.
+    fn log_step(&self, encoder: &mut wgpu::CommandEncoder, lr: f32, bias_corrections: [f32; 2]) {
+        let Some(log) = &self.step_log else { return };
+        let at = u64::from(self.logged_steps.get()) * deferred_update::STEP_BYTES;
+        self.gpu.write(log, at, &[lr]);
+        self.gpu.write(log, at + deferred_update::BIAS_CORRECTIONS_OFFSET, &bias_corrections);
+        if let Some(norm) = self.plan.norm {
+            encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_update::NORM_OFFSET, 4);
+        }
+        self.logged_steps.set(self.logged_steps.get() + 1);
+        self.end_step_rows();
     }
 
     /// Writes the list of the batch's rows that owe logged steps, for each table, and returns
@@ -792,16 +808,8 @@ impl<'g> Session<'g> {
                 self.dispatches[i].record(&mut pass);
             }
         }
-        if let (true, Some(lr), Some(log)) = (optimizer, update, &self.step_log) {
-            // This step's values, for the rows whose update is deferred.
-            let at = u64::from(self.logged_steps.get()) * deferred_update::STEP_BYTES;
-            self.gpu.write(log, at, &[lr]);
-            self.gpu.write(log, at + deferred_update::BIAS_CORRECTIONS_OFFSET, &bias_corrections);
-            if let Some(norm) = self.plan.norm {
-                encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_update::NORM_OFFSET, 4);
-            }
-            self.logged_steps.set(self.logged_steps.get() + 1);
-            self.end_step_rows();
+        if let (true, Some(lr)) = (optimizer, update) {
+            self.log_step(&mut encoder, lr, bias_corrections);
         }
         if train {
             if let Some(log) = &mut self.loss_log {
@@ -851,9 +859,12 @@ impl<'g> Session<'g> {
             return Ok(None);
         }
         let end = if train { self.dispatches.len() } else { self.forward_dispatches };
-        // The profiled step runs AdamW with learning rate 0, so it leaves the weights as they
-        // are and is not logged; it changes the moments of the rows it lists, which therefore
-        // end it up to date. The rows it reads must still be up to date.
+        // The profiled step runs AdamW with learning rate 0 and bias corrections 1, which leaves
+        // the weights as they are but decays the moments. It is logged like any step, so that
+        // the rows it does not list owe that decay too. The rows it reads must be up to date.
+        if train && self.logged_steps.get() >= self.step_log_steps {
+            self.settle_all_rows()?;
+        }
         let owing = self.owed_batch_rows();
         if train {
             self.flag_batch_rows();
@@ -898,19 +909,20 @@ impl<'g> Session<'g> {
             dispatch.record(&mut pass);
         }
         encoder.resolve_query_set(&query_set, 0..count, &resolve, 0);
-        self.gpu.queue.submit(Some(encoder.finish()));
-        let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
-        let period_ns = f64::from(self.gpu.queue.get_timestamp_period());
-        let timed = chosen
-            .iter()
-            .enumerate()
-            .map(|(i, d)| (d.label.clone(), ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
-            .collect();
+        let labels: Vec<String> = chosen.iter().map(|d| d.label.clone()).collect();
         drop(chosen);
         drop(tables);
         if train {
-            self.end_step_rows();
+            self.log_step(&mut encoder, 0.0, [1.0, 1.0]);
         }
+        self.gpu.queue.submit(Some(encoder.finish()));
+        let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
+        let period_ns = f64::from(self.gpu.queue.get_timestamp_period());
+        let timed = labels
+            .into_iter()
+            .enumerate()
+            .map(|(i, label)| (label, ticks[2 * i + 1].saturating_sub(ticks[2 * i]) as f64 * period_ns / 1e6))
+            .collect();
         Ok(Some(timed))
     }
 

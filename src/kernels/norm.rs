@@ -108,8 +108,8 @@ pub(crate) fn row_sums(
 /// Writes the partial sums of [`row_sums`] for the rows listed in `rows` (their count, then
 /// their indices), bit for bit as [`row_sums`] writes them, and nothing for the others. For a
 /// table whose gradient is zero outside the listed rows, that gives the norm of the whole table
-/// provided the partial sums of the other rows hold +0 (never written, or written while the row
-/// was zero). The dispatch reads its workgroup counts from `counts`, which the caller sets to
+/// provided the partial sums of the other rows hold +0, which the caller ensures by zeroing them
+/// before each step. The dispatch reads its workgroup counts from `counts`, which the caller sets to
 /// [`rows_workgroups`] whenever the list changes.
 ///
 /// # Shapes
