@@ -659,10 +659,10 @@ impl<'g> Session<'g> {
         }
     }
 
-    /// Ends the optimizer step for every table's listed rows: AdamW brought them up to date.
-    /// Also zeroes the tables' partial sums of the gradient norm, which the callers do before
-    /// submitting the step: the queue runs that write first, so the step's norm kernel writes
-    /// its listed rows and finds +0 in every other row, as if it had summed their zero gradients.
+    /// Ends the optimizer step for every table's listed rows, which AdamW brought up to date.
+    /// Also zeroes the tables' partial sums of the gradient norm. Callers do this before they
+    /// submit the step, so the queue runs the write first. The step's norm kernel then writes
+    /// its listed rows and finds +0 in every other row, the sum of their zero gradients.
     fn end_step_rows(&self) {
         let end = self.logged_steps.get();
         for table in self.touched_rows.borrow_mut().iter_mut() {

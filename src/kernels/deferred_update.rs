@@ -40,7 +40,8 @@ pub(crate) const NORM_OFFSET: u64 = 4;
 /// Byte offset of the two bias corrections within a logged step.
 pub(crate) const BIAS_CORRECTIONS_OFFSET: u64 = 8;
 
-/// The most steps a log may hold: list entries keep their top bit for [`MOMENTS_FLAG`].
+/// The maximum number of steps in a log, because list entries keep their top bit for
+/// [`MOMENTS_FLAG`].
 pub(crate) const MAX_STEPS: u32 = MOMENTS_FLAG;
 
 /// Laid out as `SettleParams` in the shader.
@@ -96,8 +97,8 @@ pub(crate) fn list(end: u32, rows: &[Owed]) -> Vec<u32> {
 }
 
 /// Applies to each row named in `list` (see [`list`]) the AdamW steps it owes with a zero
-/// gradient, in step order: the weight decay alone for a row whose moments are 0, else also the
-/// decay of both moments and the step along them. Steps that AdamW skipped (with `max_norm > 0`,
+/// gradient, in step order. A row whose moments are 0 gets the weight decay alone. Any other
+/// row also gets the decay of both moments and the step along them. Steps that AdamW skipped (with `max_norm > 0`,
 /// those whose logged norm is NaN or infinite) are skipped here too. The dispatch reads its
 /// workgroup counts from `counts`, which the caller sets to [`rows_workgroups`] for the list it
 /// writes. The list may name at most `max_rows` rows.
