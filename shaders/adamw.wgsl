@@ -48,7 +48,8 @@ struct AdamWParams {
     _pad0: u32,
 }
 
-// Written by the host before each optimizer step, shared by every tensor's dispatch.
+// Written by the host before each optimizer step, shared by every tensor's dispatch. When the
+// session computes the gradient norm, shaders/adamw_step.wgsl writes t and the bias corrections.
 struct AdamWStep {
     lr: f32,
     beta1: f32,
@@ -62,6 +63,11 @@ struct AdamWStep {
     max_norm: f32,
     // Factor applied to the stored gradient and its norm: 1 / micro-batches per step.
     grad_scale: f32,
+    // Updates applied so far (see shaders/adamw_step.wgsl).
+    steps: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> params: AdamWParams;

@@ -14,8 +14,9 @@
 // bit where updating it at every step would have left it.
 //
 //   steps[s] = (lr, norm, bias_correction1, bias_correction2) of optimizer step s since the log
-//              was last emptied: written by the host, except the global gradient norm, which is
-//              copied after the step.
+//              was last emptied: the learning rate written by the host; the global gradient
+//              norm copied after the step, and the bias corrections too where the device counts
+//              the steps (shaders/adamw_step.wgsl), else written by the host.
 //   list     = [count, end, row_0, from_0, row_1, from_1, ...]: row r_k owes steps from_k .. end - 1.
 //              MOMENTS_FLAG set in from_k marks a row whose moments may be nonzero; without it
 //              the row's moments are 0 and only its weight decay is applied (m and v unread).

@@ -416,6 +416,8 @@ fn cases(gpu: &Gpu, s: BenchShapes) -> Result<Vec<Case>, GpuError> {
         bias_correction2: 0.001,
         max_norm: 0.0,
         grad_scale: 1.0,
+        steps: 0,
+        _pad: [0; 3],
     };
     let step = gpu.upload("step", bytemuck::bytes_of(&step))?;
     let gnorm = m.zeros("norm", 1)?;

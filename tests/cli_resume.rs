@@ -59,10 +59,25 @@ fn nan_loss_stops_with_a_checkpoint_or_is_skipped() {
     let model = tiny_model(dir.path());
     let data = sms_sample(dir.path(), 120);
 
-    // AdamW moves every weight by about lr per step, so lr 1e30 sends the logits to infinity
-    // after the first step and the loss to NaN.
-    let out = dir.path().join("stop");
-    let output = shadertune().args(train_args(&model, &data, &out, "1e30")).output().unwrap();
+    // On a CPU driver the host reads each step's loss. The variable makes it read them in tens,
+    // as on a GPU, where the device runs ahead of the host.
+    for every in ["1", "10"] {
+        check_nan_policies(&model, &data, &dir.path().join(format!("every-{every}")), every);
+    }
+}
+
+/// Trains with lr 1e30 and the losses read every `read_every` steps: AdamW moves every weight by
+/// about lr per step, so the logits reach infinity after the first step and the loss is NaN.
+/// Checkpoints are written only at the end or at the stop, since each one reads the losses first.
+fn check_nan_policies(model: &Path, data: &Path, dir: &Path, read_every: &str) {
+    let args = |out: &Path| {
+        let mut args = train_args(model, data, out, "1e30");
+        let at = args.iter().position(|a| a == "--save-every").unwrap();
+        args[at + 1] = "0".into();
+        args
+    };
+    let out = dir.join("stop");
+    let output = shadertune().env("SHADERTUNE_LOSS_READ_EVERY", read_every).args(args(&out)).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "a NaN loss must fail the run");
     assert!(stderr.contains("the training loss became"), "{stderr}");
@@ -70,6 +85,14 @@ fn nan_loss_stops_with_a_checkpoint_or_is_skipped() {
     assert!(stderr.contains("checkpoint of the last good state"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let at = checkpoint_step(&out).expect("a checkpoint of the last good state");
+    let nan_step: u64 = stderr.split("at step ").nth(1).and_then(|rest| rest.split(' ').next()).and_then(|n| n.parse().ok()).expect("the error names the step");
+    // The checkpoint is of the step at which the host read the NaN, whose update was skipped.
+    if read_every == "1" {
+        assert_eq!(at, nan_step, "read every step: the checkpoint is of the NaN's step");
+    } else {
+        assert!(at > nan_step, "read every {read_every} steps: the NaN of step {nan_step} is found at a later read, not at step {at}");
+    }
+    assert!(stderr.contains(&format!("a resumed run goes on with step {}", at + 1)), "{stderr}");
     let weights = std::fs::read(out.join("checkpoint/model.safetensors")).unwrap();
     let file = safetensors::SafeTensors::deserialize(&weights).unwrap();
     for (name, view) in file.tensors() {
@@ -77,13 +100,17 @@ fn nan_loss_stops_with_a_checkpoint_or_is_skipped() {
         assert!(finite, "checkpoint at step {at}: `{name}` holds non-finite values");
     }
 
-    let out = dir.path().join("skip");
-    let mut args = train_args(&model, &data, &out, "1e30");
+    let out = dir.join("skip");
+    let mut args = args(&out);
     args.extend(["--on-nan".to_string(), "skip".to_string()]);
-    let output = shadertune().args(args).output().unwrap();
+    let output = shadertune().env("SHADERTUNE_LOSS_READ_EVERY", read_every).args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "--on-nan skip must finish: {stderr}");
     assert!(stderr.contains("skipping a batch"), "{stderr}");
+    // Skipped updates do not count towards AdamW's t, which the checkpoint stores beside the step.
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoint/state.json")).unwrap()).unwrap();
+    let (step, applied) = (state["step"].as_u64().unwrap(), state["applied_steps"].as_u64());
+    assert!(applied.is_some_and(|t| t < step), "step {step}, applied steps {applied:?}: the skipped updates must not count");
 }
 
 #[cfg(unix)]

@@ -840,6 +840,7 @@ fn valid_checkpoint(dir: &Path) -> HashMap<&'static str, Vec<u8>> {
         format_version: checkpoint::FORMAT_VERSION,
         kind: "train".into(),
         step: 3,
+        applied_steps: None,
         settings: json!({"command": ["shadertune", "train", "--epochs", "1"]}),
         data_fingerprint: "12 training examples of 24 tokens, fnv1a 0123456789abcdef".into(),
         progress: json!({"step": 3, "history": [], "running_loss": 0.5, "running_count": 1}),

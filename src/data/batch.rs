@@ -117,6 +117,20 @@ pub struct Batch {
     pub seq_len: usize,
 }
 
+impl Batch {
+    /// The batch cut to its first `seq_len` positions, which must hold every row's tokens.
+    ///
+    /// # Panics
+    /// When a row is longer than `seq_len` or `seq_len` exceeds the batch's.
+    pub fn shortened(&self, seq_len: usize) -> Batch {
+        assert!(seq_len <= self.seq_len, "cannot lengthen a batch of {} positions to {seq_len}", self.seq_len);
+        let longest = self.lengths.iter().copied().max().unwrap_or(0) as usize;
+        assert!(longest <= seq_len, "a row of {longest} tokens does not fit in {seq_len} positions");
+        let ids = self.ids.chunks_exact(self.seq_len).flat_map(|row| &row[..seq_len]).copied().collect();
+        Batch { ids, lengths: self.lengths.clone(), labels: self.labels.clone(), real: self.real, batch_size: self.batch_size, seq_len }
+    }
+}
+
 /// Label of a filler row. Losses and metrics must skip rows with this label.
 pub const FILLER_LABEL: i32 = -1;
 
@@ -182,6 +196,22 @@ impl<'a> BatchIter<'a> {
             emitted: 0,
             drop_last: false,
         })
+    }
+
+    /// Batches for evaluation with the examples sorted by token count (stable, so equal counts
+    /// keep input order), with the last batch filled up by filler rows. Each batch then holds
+    /// texts of similar length, so that little of it is padding. [`BatchIter::order`] maps its
+    /// rows back to the examples. Fails when `batch_size` is 0.
+    pub fn evaluate_by_length(data: &'a EncodedExamples, batch_size: usize) -> Result<Self, DataError> {
+        let mut iter = Self::evaluate(data, batch_size)?;
+        iter.order.sort_by_key(|&i| data.examples[i].ids.len());
+        Ok(iter)
+    }
+
+    /// Example indices in the order the batches take them: row r of batch k is example
+    /// `order()[k * batch_size + r]`.
+    pub fn order(&self) -> &[usize] {
+        &self.order
     }
 
     /// Number of batches in the whole pass.
@@ -428,6 +458,35 @@ mod tests {
             .flat_map(|b| b.lengths[..b.real].to_vec())
             .collect();
         assert_eq!(lengths, [1, 2, 3]);
+    }
+
+    #[test]
+    fn evaluation_by_length_sorts_stably() {
+        let data = synthetic(&[3, 1, 3, 2, 1], 3);
+        let iter = BatchIter::evaluate_by_length(&data, 2).unwrap();
+        assert_eq!(iter.order(), [1, 4, 3, 0, 2], "shortest first, ties in input order");
+        let batches: Vec<Batch> = iter.collect();
+        assert_eq!(batches.len(), 3);
+        let lengths: Vec<u32> = batches.iter().flat_map(|b| b.lengths[..b.real].to_vec()).collect();
+        assert_eq!(lengths, [1, 1, 2, 3, 3]);
+        assert_eq!(batches[2].real, 1, "the last batch is filled up");
+    }
+
+    #[test]
+    fn shortened_batch_keeps_rows() {
+        let data = synthetic(&[2, 3], 5);
+        let batch = make_batch(&data, &[0, 1], 2);
+        let short = batch.shortened(3);
+        assert_eq!(short.seq_len, 3);
+        assert_eq!(short.ids, [1, 2, GPT2_EOS_ID, 1, 2, 3]);
+        assert_eq!((short.lengths.clone(), short.labels.clone(), short.real), (batch.lengths, batch.labels, batch.real));
+    }
+
+    #[test]
+    #[should_panic(expected = "does not fit")]
+    fn shortened_batch_rejects_cut_rows() {
+        let data = synthetic(&[2, 3], 5);
+        make_batch(&data, &[0, 1], 2).shortened(2);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Executor: buffers, pipelines and bind groups created once, a step replayed from one encoder.
 
-use super::ir::{chunk_shape, Op, ParamEncoding, TensorId};
+use super::ir::{chunk_shape, Graph, Op, ParamEncoding, TensorId};
 use super::plan::{Kernel, Plan, PlanOptions, RowNorm, Storage};
+use crate::data::Batch;
 use crate::gpu::{Dispatch, Gpu, GpuError, TensorBinding};
 use crate::kernels::lmloss::{self, VocabChunk};
 use crate::kernels::matmul::{MatmulShape, WeightLayout};
@@ -155,6 +156,33 @@ pub struct Session<'g> {
     /// Steps that `step_log` may hold before every row settles: [`STEP_LOG_STEPS`], fewer in
     /// tests.
     step_log_steps: u32,
+    /// Options the plan was made with, which the plans of shorter batches share.
+    options: PlanOptions,
+    /// Rows B and positions T of the graph's batch (0 and 0 without an embedding).
+    batch_shape: (usize, usize),
+    /// Positions of the batch that the next step runs on: T, or fewer with
+    /// [`Session::allow_shorter_batches`].
+    seq_len: usize,
+    shorter: Option<ShorterBatches<'g>>,
+}
+
+/// The forward and backward dispatches of a step over fewer positions than the graph's,
+/// bound to the session's buffers (see [`Session::allow_shorter_batches`]).
+struct ShortPass {
+    dispatches: Vec<Dispatch>,
+    /// `dispatches[..forward]` is the forward pass.
+    forward: usize,
+}
+
+/// The graph builder and passes of a session that runs batches of fewer positions than its
+/// graph's.
+struct ShorterBatches<'g> {
+    /// Builds the session's graph for a number of positions.
+    build: Box<dyn Fn(usize) -> Graph + 'g>,
+    /// Batches run on a multiple of this many positions.
+    multiple: usize,
+    /// The passes built so far, by positions.
+    passes: HashMap<usize, ShortPass>,
 }
 
 /// Optimizer steps the step log holds; when it is full, every row settles what it owes and the
@@ -315,8 +343,17 @@ impl<'g> Session<'g> {
         row_flags: bool,
     ) -> Result<Session<'g>, GpuError> {
         let clip = settings.clip_grad_norm.is_some() || settings.skip_nonfinite;
-        let plan = Plan::new(graph, PlanOptions { train, clip, row_flags });
+        let options = PlanOptions { train, clip, row_flags };
+        let plan = Plan::new(graph, options);
         check_limits(gpu, &plan)?;
+        let batch_shape = plan
+            .kernels
+            .iter()
+            .find_map(|kernel| match kernel {
+                Kernel::Forward(Op::Embedding { batch, seq_len, .. }) => Some((*batch, *seq_len)),
+                _ => None,
+            })
+            .unwrap_or((0, 0));
         let peak_bytes = plan.summary().peak_bytes;
         let mut dedicated = HashMap::new();
         let mut by_name = HashMap::new();
@@ -355,6 +392,10 @@ impl<'g> Session<'g> {
             step_log: None,
             logged_steps: Cell::new(0),
             step_log_steps: STEP_LOG_STEPS,
+            options,
+            batch_shape,
+            seq_len: batch_shape.1,
+            shorter: None,
         };
         session.touched_rows = RefCell::new(session.row_flag_tables()?);
         session.upload_weights(weights)?;
@@ -544,10 +585,25 @@ impl<'g> Session<'g> {
         self.dropout_seed = seed;
     }
 
-    /// Sets the count of optimizer steps taken, which AdamW's bias correction uses; a resumed
-    /// run restores it from its checkpoint.
-    pub fn set_optimizer_steps(&mut self, steps: u64) {
-        self.optimizer_steps = steps;
+    /// Sets the count of optimizer steps submitted, and of the updates applied, which AdamW's
+    /// bias correction uses. They differ by the steps skipped for a NaN or infinite gradient. A
+    /// resumed run restores both from its checkpoint.
+    pub fn set_optimizer_steps(&mut self, submitted: u64, applied: u64) {
+        self.optimizer_steps = submitted;
+        if self.plan.norm.is_some() {
+            self.gpu.write(&self.step_buffer, adamw::STEPS_OFFSET, &[u32::try_from(applied).unwrap_or(u32::MAX)]);
+        }
+    }
+
+    /// Returns the count of updates applied, t of the last one: the optimizer steps submitted
+    /// less those skipped for a NaN or infinite gradient. Waits for the submitted steps when the
+    /// device counts them.
+    pub fn applied_optimizer_steps(&self) -> Result<u64, GpuError> {
+        if self.plan.norm.is_none() {
+            return Ok(self.optimizer_steps);
+        }
+        let words: Vec<u32> = self.gpu.read(&self.step_buffer, (adamw::STEPS_OFFSET / 4) as usize, 1)?;
+        Ok(u64::from(words[0]))
     }
 
     /// Reads a tensor by name (an output, a parameter or a parameter gradient). Reading a table
@@ -569,8 +625,13 @@ impl<'g> Session<'g> {
         self.dedicated.get(&id)
     }
 
-    /// Writes one batch into the input buffers.
+    /// Writes one batch into the input buffers. After [`Session::allow_shorter_batches`], use
+    /// [`Session::set_batch`], which also chooses the positions that the step runs on.
     pub fn set_inputs(&self, inputs: &StepInputs<'_>) {
+        if self.shorter.is_some() {
+            let (rows, _) = self.batch_shape;
+            assert_eq!(inputs.ids.len(), rows * self.seq_len, "token ids for {rows} rows of {} positions", self.seq_len);
+        }
         let ids = self.input("ids").expect("every graph has token ids");
         self.gpu.write(ids, 0, inputs.ids);
         if let Some(buffer) = self.input("lengths") {
@@ -674,14 +735,19 @@ impl<'g> Session<'g> {
         }
     }
 
-    /// Logs an optimizer step recorded into `encoder` for the rows whose update is deferred (its
-    /// learning rate and bias corrections now, its gradient norm when the step has run), then
-    /// ends the step for the listed rows. Call before submitting the step.
-    fn log_step(&self, encoder: &mut wgpu::CommandEncoder, lr: f32, bias_corrections: [f32; 2]) {
+    /// Logs an optimizer step recorded into `encoder` for the rows whose update is deferred, then
+    /// ends the step for the listed rows. Its learning rate is written now. Its gradient norm, and
+    /// the bias corrections that the host did not compute, are copied when the step has run.
+    /// Call before submitting the step.
+    fn log_step(&self, encoder: &mut wgpu::CommandEncoder, lr: f32, bias_corrections: Option<[f32; 2]>) {
         let Some(log) = &self.step_log else { return };
         let at = u64::from(self.logged_steps.get()) * deferred_update::STEP_BYTES;
         self.gpu.write(log, at, &[lr]);
-        self.gpu.write(log, at + deferred_update::BIAS_CORRECTIONS_OFFSET, &bias_corrections);
+        let corrections_at = at + deferred_update::BIAS_CORRECTIONS_OFFSET;
+        match bias_corrections {
+            Some(values) => self.gpu.write(log, corrections_at, &values),
+            None => encoder.copy_buffer_to_buffer(&self.step_buffer, adamw::BIAS_CORRECTIONS_OFFSET, log, corrections_at, 8),
+        }
         if let Some(norm) = self.plan.norm {
             encoder.copy_buffer_to_buffer(&self.dedicated[&norm], 0, log, at + deferred_update::NORM_OFFSET, 4);
         }
@@ -740,6 +806,37 @@ impl<'g> Session<'g> {
         self.gpu.check_errors("deferred row updates")
     }
 
+    /// Writes the AdamW values of the next optimizer step that the host owns, and returns the
+    /// bias corrections that it wrote, if any. A session that computes the gradient norm counts
+    /// the step on the device (see [`adamw::count_step`]), which writes t and the bias
+    /// corrections, so that a skipped step does not advance t even before the host learns of
+    /// it. Otherwise no step is skipped, and the host writes t, the submitted updates, with its
+    /// corrections, or with `fixed_corrections`.
+    fn write_step(&self, lr: f32, grad_scale: f32, fixed_corrections: Option<[f32; 2]>) -> Option<[f32; 2]> {
+        let s = &self.settings;
+        if self.plan.norm.is_some() {
+            self.gpu.write(&self.step_buffer, 0, &[lr, s.beta1, s.beta2, s.eps]);
+            self.gpu.write(&self.step_buffer, adamw::MAX_NORM_OFFSET, &[s.max_norm(), grad_scale]);
+            return None;
+        }
+        let t = u32::try_from(self.optimizer_steps).unwrap_or(u32::MAX);
+        let corrections = fixed_corrections.unwrap_or([adamw::bias_correction(s.beta1, t), adamw::bias_correction(s.beta2, t)]);
+        let step = adamw::AdamWStep {
+            lr,
+            beta1: s.beta1,
+            beta2: s.beta2,
+            eps: s.eps,
+            bias_correction1: corrections[0],
+            bias_correction2: corrections[1],
+            max_norm: s.max_norm(),
+            grad_scale,
+            steps: t,
+            _pad: [0; 3],
+        };
+        self.gpu.write(&self.step_buffer, 0, &[step]);
+        Some(corrections)
+    }
+
     /// Records the forward pass, and with `train` the backward pass, into one command encoder
     /// and submits it. With `update`, the optimizer runs too with learning rate `lr`.
     pub fn submit(&mut self, train: bool, update: Option<f32>, grad_scale: f32) -> Result<(), GpuError> {
@@ -773,23 +870,10 @@ impl<'g> Session<'g> {
         } else {
             self.forward_dispatches + self.backward_dispatches
         };
-        let mut bias_corrections = [1.0f32; 2];
+        let mut bias_corrections = None;
         if let Some(lr) = update {
             self.optimizer_steps += 1;
-            let t = self.optimizer_steps as i32;
-            let s = &self.settings;
-            bias_corrections = [1.0 - s.beta1.powi(t), 1.0 - s.beta2.powi(t)];
-            let step = adamw::AdamWStep {
-                lr,
-                beta1: s.beta1,
-                beta2: s.beta2,
-                eps: s.eps,
-                bias_correction1: bias_corrections[0],
-                bias_correction2: bias_corrections[1],
-                max_norm: s.max_norm(),
-                grad_scale,
-            };
-            self.gpu.write(&self.step_buffer, 0, &[step]);
+            bias_corrections = self.write_step(lr, grad_scale, None);
         }
         let mut encoder = self
             .gpu
@@ -804,8 +888,8 @@ impl<'g> Session<'g> {
             for &k in &owing {
                 tables[k].settle.record(&mut pass);
             }
-            for i in self.step_dispatches(train, end) {
-                self.dispatches[i].record(&mut pass);
+            for dispatch in self.step_dispatches(train, end) {
+                dispatch.record(&mut pass);
             }
         }
         if let (true, Some(lr)) = (optimizer, update) {
@@ -859,30 +943,22 @@ impl<'g> Session<'g> {
             return Ok(None);
         }
         let end = if train { self.dispatches.len() } else { self.forward_dispatches };
-        // The profiled step runs AdamW with learning rate 0 and bias corrections 1, which leaves
-        // the weights as they are but decays the moments. It is logged like any step, so that
-        // the rows it does not list owe that decay too. The rows it reads must be up to date.
+        // The profiled step runs AdamW with learning rate 0, which leaves the weights as they are
+        // but decays the moments. It counts as an update where the device counts them, and has
+        // bias corrections 1 elsewhere. It is logged like any step, so that the rows it does not
+        // list owe that decay too. The rows it reads must be up to date.
         if train && self.logged_steps.get() >= self.step_log_steps {
             self.settle_all_rows()?;
         }
         let owing = self.owed_batch_rows();
+        let mut bias_corrections = None;
         if train {
             self.flag_batch_rows();
-            let step = adamw::AdamWStep {
-                lr: 0.0,
-                beta1: self.settings.beta1,
-                beta2: self.settings.beta2,
-                eps: self.settings.eps,
-                bias_correction1: 1.0,
-                bias_correction2: 1.0,
-                max_norm: self.settings.max_norm(),
-                grad_scale: 1.0,
-            };
-            self.gpu.write(&self.step_buffer, 0, &[step]);
+            bias_corrections = self.write_step(0.0, 1.0, Some([1.0, 1.0]));
         }
         let tables = self.touched_rows.borrow();
         let chosen: Vec<&Dispatch> =
-            owing.iter().map(|&k| &tables[k].settle).chain(self.step_dispatches(train, end).map(|d| &self.dispatches[d])).collect();
+            owing.iter().map(|&k| &tables[k].settle).chain(self.step_dispatches(train, end)).collect();
         let count = (2 * chosen.len()) as u32;
         let query_set = self.gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("dispatch timestamps"),
@@ -913,7 +989,7 @@ impl<'g> Session<'g> {
         drop(chosen);
         drop(tables);
         if train {
-            self.log_step(&mut encoder, 0.0, [1.0, 1.0]);
+            self.log_step(&mut encoder, 0.0, bias_corrections);
         }
         self.gpu.queue.submit(Some(encoder.finish()));
         let ticks: Vec<u64> = self.gpu.read(&resolve, 0, count as usize)?;
@@ -926,13 +1002,107 @@ impl<'g> Session<'g> {
         Ok(Some(timed))
     }
 
-    /// Returns the indices of the dispatches a step records, of the first `end`: all of them,
-    /// except the forward LM loss in a training step.
-    fn step_dispatches(&self, train: bool, end: usize) -> impl Iterator<Item = usize> + '_ {
-        (0..end).filter(move |i| !(train && self.train_skip.contains(i)))
+    /// Returns the dispatches a step records, of the first `end` of the full list: all of them,
+    /// except the forward LM loss in a training step. A batch of fewer positions than the
+    /// graph's runs its own forward and backward dispatches and the shared optimizer ones.
+    fn step_dispatches(&self, train: bool, end: usize) -> Vec<&Dispatch> {
+        let short = self.shorter.as_ref().and_then(|s| s.passes.get(&self.seq_len));
+        let Some(short) = short else {
+            return (0..end).filter(|i| !(train && self.train_skip.contains(i))).map(|i| &self.dispatches[i]).collect();
+        };
+        let passes = self.forward_dispatches + self.backward_dispatches;
+        let mut list: Vec<&Dispatch> = if end <= self.forward_dispatches { short.dispatches[..short.forward].iter().collect() } else { short.dispatches.iter().collect() };
+        list.extend(&self.dispatches[passes.min(end)..end]);
+        list
     }
 
-    /// Optimizer steps taken so far.
+    /// Lets [`Session::set_batch`] run a batch whose rows all end before the graph's T positions
+    /// on positions `0..L` only, L being its longest row rounded up to a multiple of `multiple`.
+    /// Attention is causal, so a position after the end of its row changes neither the pooled
+    /// logits nor any gradient: the shorter step computes what the full one does, with less
+    /// work, and only the order of some sums differs. `build(L)` must return the session's graph
+    /// built for L positions. Its forward and backward dispatches bind the session's buffers,
+    /// which were planned for T positions and are at least as large. The optimizer's dispatches
+    /// do not depend on L, so the passes share them. LoRA dropout draws its mask per element of
+    /// the (B*L, C) input, so with dropout a shorter step draws other masks than the full one
+    /// would, from the same distribution.
+    ///
+    /// # Panics
+    /// On a graph without a token embedding or with the fused language-model loss, whose row
+    /// chunks depend on T.
+    pub(crate) fn allow_shorter_batches(&mut self, multiple: usize, build: Box<dyn Fn(usize) -> Graph + 'g>) {
+        assert!(self.batch_shape.1 > 0, "only a graph with a token embedding runs shorter batches");
+        assert!(self.train_skip.is_empty(), "a graph with the fused language-model loss cannot run shorter batches");
+        self.shorter = Some(ShorterBatches { build, multiple: multiple.max(1), passes: HashMap::new() });
+    }
+
+    /// Positions of the batch that the next step runs on.
+    #[cfg(test)]
+    pub(crate) fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Writes `batch`, whose shape must be the graph's, into the input buffers; after
+    /// [`Session::allow_shorter_batches`], only the positions that its rows need.
+    pub(crate) fn set_batch(&mut self, batch: &Batch) -> Result<(), GpuError> {
+        let (rows, full) = self.batch_shape;
+        assert_eq!(batch.batch_size, rows, "a batch of {} rows for a graph of {rows}", batch.batch_size);
+        assert_eq!(batch.seq_len, full, "a batch of {} positions for a graph of {full}", batch.seq_len);
+        let len = match &self.shorter {
+            Some(s) => {
+                let longest = batch.lengths.iter().copied().max().unwrap_or(1) as usize;
+                (longest.div_ceil(s.multiple) * s.multiple).min(full)
+            }
+            None => full,
+        };
+        if len != full && !self.shorter.as_ref().is_some_and(|s| s.passes.contains_key(&len)) {
+            let pass = self.short_pass(len)?;
+            self.shorter.as_mut().expect("checked above").passes.insert(len, pass);
+        }
+        self.seq_len = len;
+        let short;
+        let batch = if len < full {
+            short = batch.shortened(len);
+            &short
+        } else {
+            batch
+        };
+        self.set_inputs(&StepInputs { ids: &batch.ids, lengths: &batch.lengths, targets: &batch.labels });
+        Ok(())
+    }
+
+    /// Plans the session's graph for `len` positions and creates its forward and backward
+    /// dispatches on the session's buffers.
+    fn short_pass(&mut self, len: usize) -> Result<ShortPass, GpuError> {
+        let shorter = self.shorter.as_ref().expect("shorter batches are allowed");
+        let mut plan = Plan::new((shorter.build)(len), self.options);
+        check_same_tensors(&self.plan, &plan, len);
+        plan.storage = self.plan.storage.clone();
+        plan.pool_sizes = self.plan.pool_sizes.clone();
+        // `binding` and the kernel arguments read the shorter plan; the buffers stay the full one's.
+        let full = std::mem::replace(&mut self.plan, plan);
+        let mut dispatches = Vec::new();
+        let mut forward = 0;
+        let mut built = Ok(());
+        for (i, kernel) in self.plan.kernels[..self.plan.backward_end].iter().enumerate() {
+            if i == self.plan.forward_end {
+                forward = dispatches.len();
+            }
+            built = self.kernel_dispatches(kernel, &mut dispatches);
+            if built.is_err() {
+                break;
+            }
+        }
+        if self.plan.forward_end == self.plan.backward_end {
+            forward = dispatches.len();
+        }
+        self.plan = full;
+        built?;
+        log::debug!("plan for {len} positions: {forward} forward + {} backward dispatches", dispatches.len() - forward);
+        Ok(ShortPass { dispatches, forward })
+    }
+
+    /// Optimizer steps submitted so far, skipped ones included.
     pub fn optimizer_steps(&self) -> u64 {
         self.optimizer_steps
     }
@@ -1247,6 +1417,7 @@ impl<'g> Session<'g> {
             }
             Kernel::NormFinalize { count, partials, norm: n } => {
                 out.push(norm::finalize(gpu, "grad norm total", *count, b(*partials), b(*n))?);
+                out.push(adamw::count_step(gpu, TensorBinding::whole(&self.step_buffer), b(*n))?);
             }
             Kernel::AdamW { len, param, grad, m, v, rows } => {
                 let norm_binding = match self.plan.norm {
@@ -1271,8 +1442,30 @@ impl<'g> Session<'g> {
     }
 }
 
-/// Rejects a plan whose buffers exceed the adapter's binding or buffer limits, before any
-/// allocation, with the numbers and what to reduce.
+/// Checks that `short`, the plan of the session's graph for `len` positions, can run on the
+/// buffers of the session's plan `full`. It must have the same tensors, each no larger and used
+/// exactly when it is in `full`, and the same kernels on them.
+fn check_same_tensors(full: &Plan, short: &Plan, len: usize) {
+    assert_eq!(full.graph.tensors.len(), short.graph.tensors.len(), "the graph for {len} positions has other tensors than the session's");
+    for (id, (a, b)) in full.graph.tensors.iter().zip(&short.graph.tensors).enumerate() {
+        assert!(
+            a.name == b.name && b.bytes() <= a.bytes() && (full.storage[id] == Storage::Unused) == (short.storage[id] == Storage::Unused),
+            "tensor {id} is `{}` of {} bytes in the session's graph but `{}` of {} bytes in the graph for {len} positions",
+            a.name,
+            a.bytes(),
+            b.name,
+            b.bytes()
+        );
+    }
+    // The same kernels on the same tensors give every tensor the same lifetime, so the full
+    // plan's sharing of pool buffers holds for the short one.
+    let phases = |p: &Plan| (p.forward_end, p.backward_end, p.kernels.len());
+    assert_eq!(phases(full), phases(short), "the graph for {len} positions has other kernels than the session's");
+    for (i, (a, b)) in full.kernels.iter().zip(&short.kernels).enumerate() {
+        assert_eq!(a.tensors(), b.tensors(), "kernel {i} uses other tensors in the graph for {len} positions");
+    }
+}
+
 /// Environment variable that makes a training step fail as a driver would, for tests of the
 /// error path: `device-lost@N` or `out-of-memory@N` fails the training submit made after N
 /// optimizer steps.
@@ -1299,6 +1492,8 @@ fn injected_fault(steps: u64) -> Option<GpuError> {
     }
 }
 
+/// Rejects a plan whose buffers exceed the adapter's binding or buffer limits, before any
+/// allocation, with the numbers and what to reduce.
 fn check_limits(gpu: &Gpu, plan: &Plan) -> Result<(), GpuError> {
     let limits = gpu.limits();
     for (id, t) in plan.graph.tensors.iter().enumerate() {

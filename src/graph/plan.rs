@@ -468,6 +468,8 @@ pub(crate) fn dispatch_count(kernel: &Kernel) -> usize {
             2 + rows.div_ceil(*row_chunk) * per_row_chunk
         }
         Kernel::AttentionBackward { .. } => 4,
+        // The total, then the step count of AdamW (see adamw::count_step).
+        Kernel::NormFinalize { .. } => 2,
         _ => 1,
     }
 }

@@ -367,7 +367,10 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
             assert!(resumed.write_param_state(name, suffix, &values).unwrap());
         }
     }
-    resumed.set_optimizer_steps(5);
+    // The skipped step does not count towards t, which a checkpoint stores.
+    let applied = dense.applied_optimizer_steps().unwrap();
+    assert_eq!(applied, 4, "{case}: five steps, one skipped");
+    resumed.set_optimizer_steps(5, applied);
     for s in 5..7 {
         step(&mut dense, s);
         step(&mut resumed, s);
@@ -384,4 +387,152 @@ fn check_row_flags(gpu: &crate::gpu::Gpu, max_binding: u64, settings: crate::gra
         }
     }
     compare(&dense, &resumed, "after two steps that list as many rows as the one before");
+}
+
+/// A session that runs each batch on the positions its longest row needs trains and evaluates
+/// as one that runs every batch on all T positions. Losses, weights and moments agree up to the
+/// order of sums over positions, which on lavapipe does not change either. The batches
+/// need 8, 16 and all 20 positions, one step accumulates two micro-batches of different
+/// lengths, and the shorter passes must actually run.
+#[test]
+fn shorter_batches_match_full_length() {
+    use crate::data::Batch;
+    use crate::graph::executor::OptimizerSettings;
+    use crate::graph::Session;
+    use crate::model::weights::{init_random, HeadKind};
+    use crate::testing::assert_close;
+
+    let Some(gpu) = crate::testing::test_gpu() else { return };
+    let config = Gpt2Config { n_layer: 2, n_head: 2, n_embd: 48, n_positions: 32, vocab_size: 128, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
+    let weights = init_random(&config, HeadKind::Classifier { num_labels: 3 }, 11).unwrap();
+    let (rows, positions) = (3, 20);
+    let head = Head::Classifier { num_labels: 3 };
+    let max_binding = gpu.limits().max_storage_buffer_binding_size;
+    let settings = OptimizerSettings { clip_grad_norm: Some(1.0), ..OptimizerSettings::default() };
+    let session = || {
+        let graph = build_graph(&config, head, BatchShape { batch: rows, seq_len: positions }, Trainable::All, max_binding);
+        Session::new(gpu, graph, &weights, true, settings).expect("session builds")
+    };
+    let (mut full, mut short) = (session(), session());
+    let builder_config = config.clone();
+    short.allow_shorter_batches(
+        8,
+        Box::new(move |seq_len| build_graph(&builder_config, head, BatchShape { batch: rows, seq_len }, Trainable::All, max_binding)),
+    );
+    // Token ids from `seed`, with the pad id 127 after each row's end.
+    let batch = |lengths: [u32; 3], seed: u32| {
+        let mut ids = vec![127u32; rows * positions];
+        for (r, &n) in lengths.iter().enumerate() {
+            for t in 0..n as usize {
+                ids[r * positions + t] = (seed * 37 + (r * 29 + t * 11) as u32) % 120;
+            }
+        }
+        let labels = (0..3).map(|r| ((seed as usize + r) % 3) as i32).collect();
+        Batch { ids, lengths: lengths.to_vec(), labels, real: rows, batch_size: rows, seq_len: positions }
+    };
+    // (lengths, learning rate of the update or none to accumulate, positions the short session
+    // must run on)
+    let steps: [([u32; 3], Option<f32>, usize); 6] = [
+        ([5, 3, 7], Some(1e-2), 8),
+        ([9, 2, 4], Some(2e-2), 16),
+        ([17, 1, 20], Some(1e-2), 20),
+        ([1, 1, 1], None, 8),
+        ([12, 16, 3], Some(3e-2), 16),
+        ([8, 8, 8], Some(1e-2), 8),
+    ];
+    for (s, &(lengths, update, expected)) in steps.iter().enumerate() {
+        let b = batch(lengths, s as u32);
+        let mut losses = Vec::new();
+        for session in [&mut full, &mut short] {
+            session.set_batch(&b).unwrap();
+            session.submit(true, update, if update.is_some() && s == 4 { 0.5 } else { 1.0 }).unwrap();
+            losses.push(session.read_loss().unwrap());
+        }
+        assert_eq!(full.seq_len(), positions);
+        assert_eq!(short.seq_len(), expected, "step {s}: the batch with lengths {lengths:?} ran on {} positions", short.seq_len());
+        assert_close(&format!("step {s} loss"), &[losses[1].loss], &[f64::from(losses[0].loss)], 1e-6, 1e-5);
+        assert_eq!(losses[0].counted, losses[1].counted);
+    }
+    let (mut a, mut b) = (weights.clone(), weights.clone());
+    full.download_weights(&mut a).unwrap();
+    short.download_weights(&mut b).unwrap();
+    for (name, tensor) in &a.tensors {
+        let want: Vec<f64> = tensor.data.iter().map(|&x| f64::from(x)).collect();
+        let moved = tensor.data.iter().zip(&weights.get(name).unwrap().data).any(|(x, y)| x != y);
+        assert!(moved, "`{name}` did not train");
+        assert_close(name, &b.get(name).unwrap().data, &want, 1e-6, 1e-5);
+        for suffix in [".adam_m", ".adam_v"] {
+            let read = |s: &Session<'_>| s.read_param_state(name, suffix, tensor.data.len()).unwrap().expect("every weight trains");
+            let want: Vec<f64> = read(&full).iter().map(|&x| f64::from(x)).collect();
+            assert_close(&format!("{name}{suffix}"), &read(&short), &want, 1e-9, 1e-5);
+        }
+    }
+    // Evaluation: a forward pass on 8 positions gives the logits of one on 20.
+    let eval = batch([2, 6, 4], 9);
+    let mut logits = Vec::new();
+    for session in [&mut full, &mut short] {
+        session.set_batch(&eval).unwrap();
+        session.submit(false, None, 1.0).unwrap();
+        logits.push(session.read_logits().unwrap());
+    }
+    assert_eq!(short.seq_len(), 8);
+    let want: Vec<f64> = logits[0].iter().map(|&x| f64::from(x)).collect();
+    assert_close("evaluation logits", &logits[1], &want, 1e-6, 1e-5);
+}
+
+/// A step whose gradient is NaN is skipped on the device and does not count towards AdamW's t,
+/// although the host submits the later steps without reading anything. So the session that met
+/// it ends with the weights, moments and t of a session that never ran that step. The test runs
+/// with and without clipping, so that both thresholds of the skip are covered.
+#[test]
+fn skipped_steps_do_not_count() {
+    use crate::data::Batch;
+    use crate::graph::executor::OptimizerSettings;
+    use crate::graph::Session;
+    use crate::model::weights::{init_random, HeadKind};
+
+    let Some(gpu) = crate::testing::test_gpu() else { return };
+    let config = Gpt2Config { n_layer: 1, n_head: 2, n_embd: 32, n_positions: 16, vocab_size: 96, bos_token_id: None, eos_token_id: None, ..Gpt2Config::mini() };
+    let weights = init_random(&config, HeadKind::Classifier { num_labels: 2 }, 3).unwrap();
+    let shape = BatchShape { batch: 2, seq_len: 8 };
+    let max_binding = gpu.limits().max_storage_buffer_binding_size;
+    let batch = |s: u32| {
+        let ids = (0..16).map(|i| (s * 13 + i * 7) % 90).collect();
+        Batch { ids, lengths: vec![8, 5], labels: vec![(s % 2) as i32, 1], real: 2, batch_size: 2, seq_len: 8 }
+    };
+    for settings in [OptimizerSettings::default(), OptimizerSettings { clip_grad_norm: Some(0.5), ..OptimizerSettings::default() }] {
+        let session = || {
+            let graph = build_graph(&config, Head::Classifier { num_labels: 2 }, shape, Trainable::All, max_binding);
+            Session::new(gpu, graph, &weights, true, settings).expect("session builds")
+        };
+        let (mut skipping, mut clean) = (session(), session());
+        let small = "ln_f.weight";
+        let small_len = weights.get(small).unwrap().data.len();
+        for s in 0..5u32 {
+            let lr = Some(1e-2 * (1.0 + s as f32));
+            skipping.set_batch(&batch(s)).unwrap();
+            if s == 2 {
+                // The backward adds into the gradient, so the whole step's norm becomes NaN.
+                assert!(skipping.write_param_state(small, ".grad", &vec![f32::NAN; small_len]).unwrap());
+            } else {
+                clean.set_batch(&batch(s)).unwrap();
+                clean.submit(true, lr, 1.0).unwrap();
+            }
+            skipping.submit(true, lr, 1.0).unwrap();
+        }
+        let case = format!("clip {:?}", settings.clip_grad_norm);
+        assert_eq!((skipping.optimizer_steps(), skipping.applied_optimizer_steps().unwrap()), (5, 4), "{case}: submitted and applied steps");
+        assert_eq!(clean.applied_optimizer_steps().unwrap(), 4, "{case}");
+        let (mut a, mut b) = (weights.clone(), weights.clone());
+        skipping.download_weights(&mut a).unwrap();
+        clean.download_weights(&mut b).unwrap();
+        for (name, tensor) in &a.tensors {
+            let bits = |values: &[f32]| values.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert!(bits(&tensor.data) == bits(&b.get(name).unwrap().data), "{case}: `{name}` differs from the run without the skipped step");
+            for suffix in [".adam_m", ".adam_v"] {
+                let read = |s: &Session<'_>| bits(&s.read_param_state(name, suffix, tensor.data.len()).unwrap().unwrap());
+                assert!(read(&skipping) == read(&clean), "{case}: `{name}{suffix}` differs from the run without the skipped step");
+            }
+        }
+    }
 }

@@ -24,11 +24,17 @@ const BINDINGS: [BindingKind; 8] = [
     BindingKind::ReadOnly,
 ];
 
+pub(crate) static STEP_FAMILY: ShaderFamily =
+    ShaderFamily { name: "adamw_step", source: include_str!("../../shaders/adamw_step.wgsl") };
+
 static UPDATE: KernelEntry = KernelEntry { family: &FAMILY, entry: "adamw_update", bindings: BINDINGS.split_at(7).0 };
 static UPDATE_ROWS: KernelEntry = KernelEntry { family: &FAMILY, entry: "adamw_update_rows", bindings: &BINDINGS };
 
+static COUNT_STEP: KernelEntry =
+    KernelEntry { family: &STEP_FAMILY, entry: "adamw_count_step", bindings: &[BindingKind::ReadWrite, BindingKind::ReadOnly] };
+
 /// Entry points and their WGSL workgroup sizes, for the translation test.
-pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&UPDATE, WORKGROUP_SIZE), (&UPDATE_ROWS, WORKGROUP_SIZE)];
+pub(crate) const ENTRIES: &[(&KernelEntry, u32)] = &[(&UPDATE, WORKGROUP_SIZE), (&UPDATE_ROWS, WORKGROUP_SIZE), (&COUNT_STEP, 1)];
 
 /// Per-tensor uniform parameters, laid out as `AdamWParams` in the shader.
 #[repr(C)]
@@ -60,6 +66,36 @@ pub(crate) struct AdamWStep {
     pub max_norm: f32,
     /// Factor applied to the stored gradient and its norm: 1 / micro-batches summed per step.
     pub grad_scale: f32,
+    /// Updates applied so far: t of the last step. [`count_step`] advances it on the device.
+    pub steps: u32,
+    pub _pad: [u32; 3],
+}
+
+/// Byte offset of the two bias corrections in [`AdamWStep`].
+pub(crate) const BIAS_CORRECTIONS_OFFSET: u64 = 16;
+/// Byte offset of `max_norm` and `grad_scale` in [`AdamWStep`].
+pub(crate) const MAX_NORM_OFFSET: u64 = 24;
+/// Byte offset of `steps` in [`AdamWStep`].
+pub(crate) const STEPS_OFFSET: u64 = 32;
+
+/// `1 - beta^t`, the bias correction of step `t`, as [`count_step`] computes it.
+pub(crate) fn bias_correction(beta: f32, t: u32) -> f32 {
+    1.0 - beta.powi(i32::try_from(t).unwrap_or(i32::MAX))
+}
+
+/// Counts an optimizer step in `step` and writes its bias corrections there, unless the global
+/// gradient `norm` is NaN or infinite, in which case the AdamW dispatches skip the step. Record
+/// it after the norm and before the updates. The host then writes only the other fields of
+/// `step` (learning rate, betas, eps, max_norm, grad_scale), and t counts the updates applied
+/// without the host reading the norm.
+///
+/// # Shapes
+/// - `step`: one [`AdamWStep`]
+/// - `norm`: (1)
+pub(crate) fn count_step(gpu: &Gpu, step: TensorBinding<'_>, norm: TensorBinding<'_>) -> Result<Dispatch, GpuError> {
+    check_binding("adamw count step", "step", &step, std::mem::size_of::<AdamWStep>() / 4);
+    check_binding("adamw count step", "norm", &norm, 1);
+    gpu.dispatch(&COUNT_STEP, "adamw count step", None, &[step, norm], [1, 1, 1])
 }
 
 /// Panics unless `binding` contains at least `elements` 4-byte values. Shapes come from the
@@ -88,7 +124,7 @@ pub(crate) struct AdamWState<'a> {
 /// `torch.optim.AdamW` does. `param`, `m` and `v` are updated in place, `grad` is set to 0.
 ///
 /// # Shapes
-/// - `step`: one [`AdamWStep`] (32 bytes)
+/// - `step`: one [`AdamWStep`] (48 bytes)
 /// - `norm`: (1), the global gradient norm (read only when clipping)
 /// - `param`, `grad`, `m`, `v`: (N) with N = `len`
 pub(crate) fn update(
@@ -205,6 +241,8 @@ mod tests {
             bias_correction2: (1.0 - HYPER.beta2.powi(step as i32)) as f32,
             max_norm,
             grad_scale: 1.0 / micro_batches,
+            steps: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -428,5 +466,45 @@ mod tests {
         assert_ne!(before, got, "the rows owed updates that were never applied");
         let moved = got.iter().zip(&initial).filter(|(a, b)| f32::from_bits(**a) != **b).count();
         assert_eq!(moved, len, "the weight decay should move every parameter");
+    }
+
+    /// The device counts a step and computes its bias corrections with the same bits as the
+    /// host's f32 powi, from the first step to past a million, and leaves both alone when the
+    /// norm is NaN or infinite.
+    #[test]
+    fn count_step_matches_host_bias_corrections() {
+        let Some(gpu) = test_gpu() else { return };
+        let norm = gpu.storage_buffer("norm", 4).unwrap();
+        let step = gpu.storage_buffer("step", std::mem::size_of::<AdamWStep>() as u64).unwrap();
+        let dispatch = count_step(gpu, (&step).into(), (&norm).into()).unwrap();
+        let run = |before: u32, beta1: f32, beta2: f32, norm_value: f32| -> AdamWStep {
+            let values = AdamWStep { beta1, beta2, steps: before, bias_correction1: -1.0, bias_correction2: -1.0, ..step_values(1, 1.0, 1.0) };
+            gpu.write(&step, 0, &[values]);
+            gpu.write(&norm, 0, &[norm_value]);
+            let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("count step") });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None });
+                dispatch.record(&mut pass);
+            }
+            gpu.queue.submit(Some(encoder.finish()));
+            let words: Vec<u32> = gpu.read(&step, 0, std::mem::size_of::<AdamWStep>() / 4).unwrap();
+            *bytemuck::from_bytes(bytemuck::cast_slice(&words))
+        };
+        let mut ts: Vec<u32> = (1..=40).collect();
+        ts.extend([63, 64, 65, 100, 999, 1000, 1023, 1024, 4097, 65_535, 1_000_001]);
+        for (beta1, beta2) in [(0.9f32, 0.999f32), (0.95, 0.98)] {
+            for &t in &ts {
+                let out = run(t - 1, beta1, beta2, 3.5);
+                assert_eq!(out.steps, t);
+                for (got, beta) in [(out.bias_correction1, beta1), (out.bias_correction2, beta2)] {
+                    let want = bias_correction(beta, t);
+                    assert_eq!(got.to_bits(), want.to_bits(), "step {t}, beta {beta}: device {got:e}, host {want:e}");
+                }
+            }
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let out = run(7, 0.9, 0.999, bad);
+            assert_eq!((out.steps, out.bias_correction1, out.bias_correction2), (7, -1.0, -1.0), "norm {bad}: the step must not count");
+        }
     }
 }

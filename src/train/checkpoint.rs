@@ -67,8 +67,12 @@ pub struct TrainState {
     pub format_version: u32,
     /// Command that wrote it: `pretrain` or `train`.
     pub kind: String,
-    /// Optimizer steps taken; AdamW's bias correction and the learning-rate schedule use it.
+    /// Optimizer steps taken; the learning-rate schedule and the data position use it.
     pub step: u64,
+    /// AdamW's step count t, where it is below `step`: an update skipped for a NaN or infinite
+    /// gradient does not count. Absent when it equals `step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_steps: Option<u64>,
     /// Run settings as the command stored them; a resumed run reuses them.
     pub settings: serde_json::Value,
     /// Identity of the training data (token count and hash), so that a resume on other data is
@@ -243,7 +247,7 @@ pub fn restore_optimizer(session: &mut Session<'_>, loaded: &Loaded) -> Result<(
             }
         }
     }
-    session.set_optimizer_steps(loaded.state.step);
+    session.set_optimizer_steps(loaded.state.step, loaded.state.applied_steps.unwrap_or(loaded.state.step));
     Ok(())
 }
 

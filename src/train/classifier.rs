@@ -7,7 +7,7 @@ use super::schedule::{learning_rate, Schedule};
 use crate::data::{self, Balance, BatchIter, EncodedExamples, ReadOptions};
 use crate::fsutil::write_atomic;
 use crate::gpu::{Gpu, GpuError};
-use crate::graph::executor::{OptimizerSettings, StepInputs};
+use crate::graph::executor::OptimizerSettings;
 use crate::graph::Session;
 use crate::model::gpt2::{build_graph_with, check_f16, BatchShape, Head, Precision, Trainable};
 use crate::model::lora::{self, LoraError, LoraModule, LoraSpec};
@@ -205,6 +205,19 @@ impl TrainConfig {
     }
 }
 
+/// Each batch runs on the positions its longest row needs, rounded up to a multiple of this and
+/// capped at the split's sequence length T, so a run builds at most one shorter pass per multiple
+/// of 8 below T. Most texts are far shorter than the longest one, which sets T.
+pub(crate) const POSITION_MULTIPLE: usize = 8;
+
+/// Optimizer steps whose losses the host reads in one transfer on a GPU. The device runs ahead
+/// of the host by at most this many steps, and a non-finite loss is noticed within as many.
+const LOSS_READ_EVERY: usize = 10;
+
+/// Environment variable that sets the steps between loss reads on any adapter, for tests of the
+/// deferred reads on CPU drivers.
+pub const LOSS_READ_VARIABLE: &str = "SHADERTUNE_LOSS_READ_EVERY";
+
 /// Sizes of the data at each stage, for `metrics.json`.
 #[derive(Clone, Debug, Serialize)]
 pub struct DatasetSummary {
@@ -308,6 +321,11 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let started = Instant::now();
     if config.batch_size == 0 || config.epochs == 0 || config.grad_accum == 0 || config.eval_every == 0 {
         return Err(TrainError::Invalid("--batch-size, --epochs, --grad-accum and --eval-every must be at least 1".into()));
+    }
+    if let Some(clip) = config.clip_grad_norm.filter(|c| !(c.is_finite() && *c > 0.0)) {
+        return Err(TrainError::Invalid(format!(
+            "--clip-grad-norm {clip} is invalid: expected a positive number, such as 1.0 (leave it out for no clipping)"
+        )));
     }
     data::validate_fractions(config.split)?;
     check_output_dir(&config.out_dir)?;
@@ -432,6 +450,14 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     }
     let mut session = Session::new(gpu, graph, &start_weights, true, settings)?;
     session.set_dropout_seed(config.seed);
+    let (model_config, lora, trainable, precision) = (model.config.clone(), config.lora.clone(), config.trainable, config.precision);
+    session.allow_shorter_batches(
+        POSITION_MULTIPLE,
+        Box::new(move |seq_len| {
+            let shape = BatchShape { batch: shape.batch, seq_len };
+            build_graph_with(&model_config, head, shape, trainable, lora.as_ref(), precision, max_binding)
+        }),
+    );
     let mut progress_state = RunProgress::default();
     if let Some(loaded) = &resumed {
         checkpoint::restore_optimizer(&mut session, loaded)?;
@@ -468,10 +494,12 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let mut weights_host = start_weights.clone();
     let save_checkpoint = |session: &Session<'_>, weights: &mut crate::model::weights::Weights, step: usize, progress: &RunProgress| {
         session.download_weights(weights)?;
+        let applied = session.applied_optimizer_steps()?;
         let state = TrainState {
             format_version: checkpoint::FORMAT_VERSION,
             kind: "train".into(),
             step: step as u64,
+            applied_steps: (applied != step as u64).then_some(applied),
             settings: serde_json::json!({ "command": config.command, "working_dir": config.working_dir }),
             data_fingerprint: fingerprint.clone(),
             progress: serde_json::to_value(progress).expect("progress serializes"),
@@ -497,6 +525,62 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
     let train_started = Instant::now();
     let stop_requested = || config.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
     let mut stopped = false;
+    // On a GPU the host reads the losses of LOSS_READ_EVERY steps in one transfer, and between
+    // reads and evaluations it submits each step without waiting for the one before. A CPU
+    // driver runs each dispatch on all cores and waits for the slowest, so there a host thread
+    // that runs ahead only slows the device: the host waits for every step.
+    let requested = std::env::var(LOSS_READ_VARIABLE).ok();
+    let loss_read_every = match requested.as_deref().map(str::parse::<usize>) {
+        Some(Ok(steps)) if steps > 0 => steps,
+        Some(_) => {
+            return Err(TrainError::Invalid(format!(
+                "{LOSS_READ_VARIABLE}={} is invalid: expected a whole number of steps, 1 or more",
+                requested.unwrap_or_default()
+            )))
+        }
+        None if gpu.info().device_type == wgpu::DeviceType::Cpu => 1,
+        None => LOSS_READ_EVERY,
+    };
+    session.log_losses(loss_read_every * config.grad_accum)?;
+    let device_failed = |error: GpuError, step: usize| {
+        // The device state is gone, so the last checkpoint on disk is what remains.
+        progress.finish_and_clear();
+        let checkpoint = match checkpoint::find(&config.out_dir) {
+            Ok(dir) => format!("the last checkpoint is in {}; continue with: shadertune train --resume {}", dir.display(), config.out_dir.display()),
+            Err(_) => "no checkpoint was written yet (set --save-every to write them during training)".to_string(),
+        };
+        TrainError::DeviceFailed { step, error, checkpoint }
+    };
+    // Reads the logged losses into the progress, and stops the run at a non-finite one unless
+    // --on-nan skips it. The optimizer skipped that step's update on the device and applied the
+    // later ones, so the weights are finite and a checkpoint of them is the last good state.
+    let read_losses = |session: &mut Session<'_>, weights: &mut crate::model::weights::Weights, progress_state: &mut RunProgress, micro: usize, step: usize| {
+        let losses = session.drain_losses().map_err(|error| device_failed(error, step))?;
+        let first = micro + 1 - losses.len();
+        for (i, out) in losses.iter().enumerate() {
+            let loss_step = (first + i - 1) / config.grad_accum + 1;
+            if out.loss.is_finite() {
+                progress_state.last_finite = Some(out.loss);
+                progress_state.running_loss += f64::from(out.loss);
+                progress_state.running_count += 1;
+                continue;
+            }
+            if config.on_nan == OnNan::Skip {
+                progress.suspend(|| log::warn!("skipping a batch with loss {} at step {loss_step}", out.loss));
+                progress_state.skipped_batches += 1;
+                continue;
+            }
+            progress.finish_and_clear();
+            let dir = save_checkpoint(session, weights, step, progress_state)?;
+            let checkpoint = format!(
+                "AdamW skips every update whose gradient norm is not finite, and a checkpoint of the last good state (step {step}) is in {}, from which a resumed run goes on with step {}",
+                dir.display(),
+                step + 1
+            );
+            return Err(TrainError::NonFinite { step: loss_step, loss: out.loss, last_finite: progress_state.last_finite, checkpoint });
+        }
+        Ok(())
+    };
     'epochs: for epoch in 0..config.epochs {
         for batch in BatchIter::train(&train_data, config.batch_size, config.seed, epoch as u64)? {
             micro += 1;
@@ -507,57 +591,30 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
             let at_boundary = (micro - 1) % config.grad_accum == 0;
             if at_boundary && stop_requested() {
                 stopped = true;
+                micro -= 1;
                 break 'epochs;
             }
-            session.set_inputs(&StepInputs { ids: &batch.ids, lengths: &batch.lengths, targets: &batch.labels });
             let update = micro % config.grad_accum == 0;
             let lr = learning_rate(config.schedule, config.lr, step, config.warmup_steps, total_steps);
-            let submitted = session.submit(true, update.then_some(lr), 1.0 / config.grad_accum as f32).and_then(|()| session.read_loss());
-            let out = match submitted {
-                Ok(out) => out,
-                Err(error) => {
-                    // The device state is gone, so the last checkpoint on disk is what remains.
-                    progress.finish_and_clear();
-                    let checkpoint = match checkpoint::find(&config.out_dir) {
-                        Ok(dir) => format!("the last checkpoint is in {}; continue with: shadertune train --resume {}", dir.display(), config.out_dir.display()),
-                        Err(_) => "no checkpoint was written yet (set --save-every to write them during training)".to_string(),
-                    };
-                    return Err(TrainError::DeviceFailed { step: step + 1, error, checkpoint });
-                }
-            };
-            if !out.loss.is_finite() {
-                // The optimizer skipped the update (its gradient norm is not finite), so the
-                // device still contains the last good weights.
-                if update {
-                    session.set_optimizer_steps(session.optimizer_steps() - 1);
-                }
-                if config.on_nan == OnNan::Skip {
-                    progress.suspend(|| log::warn!("skipping a batch with loss {} at step {}", out.loss, step + 1));
-                    progress_state.skipped_batches += 1;
-                    continue;
-                }
-                progress.finish_and_clear();
-                let checkpoint = if update || config.grad_accum == 1 {
-                    let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
-                    format!("a checkpoint of the last good state (step {step}) is in {}", dir.display())
-                } else {
-                    "gradients of a partial accumulation are lost, so no new checkpoint was written".to_string()
-                };
-                return Err(TrainError::NonFinite { step: step + 1, loss: out.loss, last_finite: progress_state.last_finite, checkpoint });
-            }
-            progress_state.last_finite = Some(out.loss);
-            progress_state.running_loss += f64::from(out.loss);
-            progress_state.running_count += 1;
+            session
+                .set_batch(&batch)
+                .and_then(|()| session.submit(true, update.then_some(lr), 1.0 / config.grad_accum as f32))
+                .map_err(|error| device_failed(error, step + 1))?;
             if !update {
                 continue;
             }
             step += 1;
             progress_state.step = step;
             progress.inc(1);
-            let rate = (step - first_step) as f64 / train_started.elapsed().as_secs_f64();
-            let mean = progress_state.running_loss / progress_state.running_count.max(1) as f64;
-            progress.set_message(format!("epoch {} loss {mean:.4} {rate:.2} steps/s", epoch + 1));
-            if step % config.eval_every == 0 || step == total_steps {
+            let evaluate_now = step % config.eval_every == 0 || step == total_steps;
+            let save_now = config.save_every > 0 && step % config.save_every == 0 && step < total_steps;
+            if evaluate_now || save_now || session.logged_losses() >= loss_read_every * config.grad_accum {
+                read_losses(&mut session, &mut weights_host, &mut progress_state, micro, step)?;
+                let rate = (step - first_step) as f64 / train_started.elapsed().as_secs_f64();
+                let mean = progress_state.running_loss / progress_state.running_count.max(1) as f64;
+                progress.set_message(format!("epoch {} loss {mean:.4} {rate:.2} steps/s", epoch + 1));
+            }
+            if evaluate_now {
                 let limit = Some(config.eval_batches);
                 let train_eval = evaluate(&mut session, &train_data, config.batch_size, num_labels, limit)?;
                 let val_eval = evaluate(&mut session, &val_data, config.batch_size, num_labels, limit)?;
@@ -587,12 +644,15 @@ pub fn train_classifier(gpu: &Gpu, config: &TrainConfig) -> Result<Report, Train
                 progress_state.running_loss = 0.0;
                 progress_state.running_count = 0;
             }
-            if config.save_every > 0 && step % config.save_every == 0 && step < total_steps {
+            if save_now {
                 let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
                 progress.suspend(|| log::info!("checkpoint written to {}", dir.display()));
             }
         }
     }
+    // A stop, or the end of the data, leaves losses in the log; the final checkpoint's progress
+    // includes them.
+    read_losses(&mut session, &mut weights_host, &mut progress_state, micro, step)?;
     progress.finish_and_clear();
     let dir = save_checkpoint(&session, &mut weights_host, step, &progress_state)?;
     if stopped {
@@ -753,8 +813,16 @@ pub fn write_report(dir: &Path, report: &Report, history: &[HistoryRecord]) -> R
     write_json(&dir.join("metrics.json"), report)?;
     let plot_err = |path: PathBuf| move |e: report::ReportError| TrainError::Write { path, message: e.to_string() };
     if !history.is_empty() {
-        report::plot_losses(&dir.join("loss.png"), history).map_err(plot_err(dir.join("loss.png")))?;
-        report::plot_accuracy(&dir.join("accuracy.png"), history).map_err(plot_err(dir.join("accuracy.png")))?;
+        // A run whose evaluations never had a finite loss (all its batches skipped for NaN, say)
+        // still has its report; only the curve is missing.
+        let plots: [(&str, fn(&Path, &[HistoryRecord]) -> Result<(), report::ReportError>); 2] =
+            [("loss.png", report::plot_losses), ("accuracy.png", report::plot_accuracy)];
+        for (name, plot) in plots {
+            match plot(&dir.join(name), history) {
+                Err(report::ReportError::NothingToPlot { path, what }) => log::warn!("{} not written: {what}", path.display()),
+                other => other.map_err(plot_err(dir.join(name)))?,
+            }
+        }
     }
     report::plot_confusion_matrix(&dir.join("confusion_matrix.png"), &report.test)
         .map_err(plot_err(dir.join("confusion_matrix.png")))?;

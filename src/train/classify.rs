@@ -1,10 +1,10 @@
 //! A trained classifier opened from its directory: predictions and evaluation.
 
-use super::classifier::TrainError;
+use super::classifier::{TrainError, POSITION_MULTIPLE};
 use super::eval::{argmax, evaluate, softmax, Evaluation};
 use crate::data::{self, BatchIter, EncodedExample, EncodedExamples, ReadOptions};
 use crate::gpu::Gpu;
-use crate::graph::executor::{OptimizerSettings, StepInputs};
+use crate::graph::executor::OptimizerSettings;
 use crate::graph::Session;
 use crate::model::gpt2::{build_graph_with, check_f16, check_f16_adapter, BatchShape, Head, Precision, Trainable};
 use crate::model::load::{open_classifier, LoadedModel};
@@ -109,16 +109,11 @@ impl Classifier {
             check_f16_adapter(gpu).map_err(TrainError::Invalid)?;
         }
         let head = Head::Classifier { num_labels: self.labels.len() };
-        let graph = build_graph_with(
-            &self.model.config,
-            head,
-            BatchShape { batch, seq_len },
-            Trainable::Nothing,
-            None,
-            self.precision,
-            gpu.limits().max_storage_buffer_binding_size,
-        );
-        Ok(Session::new(gpu, graph, &self.model.weights, false, OptimizerSettings::default())?)
+        let (config, precision, max_binding) = (self.model.config.clone(), self.precision, gpu.limits().max_storage_buffer_binding_size);
+        let graph_for = move |seq_len| build_graph_with(&config, head, BatchShape { batch, seq_len }, Trainable::Nothing, None, precision, max_binding);
+        let mut session = Session::new(gpu, graph_for(seq_len), &self.model.weights, false, OptimizerSettings::default())?;
+        session.allow_shorter_batches(POSITION_MULTIPLE, Box::new(graph_for));
+        Ok(session)
     }
 
     /// Classifies `texts`; texts longer than the model's context keep their first n_positions tokens.
@@ -144,22 +139,26 @@ impl Classifier {
         let batch = batch_size.clamp(1, texts.len());
         let mut session = self.session(gpu, batch, seq_len)?;
         let k = self.labels.len();
-        let mut out = Vec::with_capacity(texts.len());
-        for b in BatchIter::evaluate(&data, batch)? {
-            session.set_inputs(&StepInputs { ids: &b.ids, lengths: &b.lengths, targets: &b.labels });
+        // Batches of texts of similar length run on few positions; the predictions go back to
+        // input order.
+        let batches = BatchIter::evaluate_by_length(&data, batch)?;
+        let order = batches.order().to_vec();
+        let mut out: Vec<Option<Prediction>> = vec![None; texts.len()];
+        for (n, b) in batches.enumerate() {
+            session.set_batch(&b)?;
             session.submit(false, None, 1.0)?;
             let logits = session.read_logits()?;
             for row in 0..b.real {
                 let probs = softmax(&logits[row * k..(row + 1) * k]);
-                let text = texts[out.len()].clone();
-                out.push(Prediction {
-                    text,
+                let example = order[n * batch + row];
+                out[example] = Some(Prediction {
+                    text: texts[example].clone(),
                     label: self.labels[argmax(&probs)].clone(),
                     probabilities: self.labels.iter().cloned().zip(probs.iter().copied()).collect(),
                 });
             }
         }
-        Ok(out)
+        Ok(out.into_iter().map(|p| p.expect("every text is in one batch")).collect())
     }
 
     /// Evaluates the classifier on a labelled file; labels must be among the model's.

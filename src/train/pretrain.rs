@@ -434,6 +434,7 @@ pub fn pretrain(
             format_version: checkpoint::FORMAT_VERSION,
             kind: "pretrain".into(),
             step: step as u64,
+            applied_steps: Some(session.applied_optimizer_steps()?).filter(|&t| t != step as u64),
             settings: serde_json::to_value(settings).expect("settings serialize"),
             data_fingerprint: fingerprint.clone(),
             progress: serde_json::to_value(progress).expect("progress serializes"),
