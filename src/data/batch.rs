@@ -199,7 +199,7 @@ impl<'a> BatchIter<'a> {
     }
 
     /// Batches for evaluation with the examples sorted by token count (stable, so equal counts
-    /// keep input order), with the last batch filled up by filler rows. Each batch then holds
+    /// keep input order), with the last batch filled up by filler rows. Each batch then contains
     /// texts of similar length, so that little of it is padding. [`BatchIter::order`] maps its
     /// rows back to the examples. Fails when `batch_size` is 0.
     pub fn evaluate_by_length(data: &'a EncodedExamples, batch_size: usize) -> Result<Self, DataError> {

@@ -1,8 +1,8 @@
 //! A trained classifier opened from its directory: predictions and evaluation.
 
 use super::classifier::{TrainError, POSITION_MULTIPLE};
-use super::eval::{argmax, evaluate, softmax, Evaluation};
-use crate::data::{self, BatchIter, EncodedExample, EncodedExamples, ReadOptions};
+use super::eval::{evaluate, Evaluation};
+use crate::data::{self, EncodedExample, EncodedExamples, ReadOptions};
 use crate::gpu::Gpu;
 use crate::graph::executor::OptimizerSettings;
 use crate::graph::Session;
@@ -138,27 +138,19 @@ impl Classifier {
         let data = EncodedExamples { examples, seq_len, truncated: 0, pad_id: eos };
         let batch = batch_size.clamp(1, texts.len());
         let mut session = self.session(gpu, batch, seq_len)?;
-        let k = self.labels.len();
-        // Batches of texts of similar length run on few positions; the predictions go back to
-        // input order.
-        let batches = BatchIter::evaluate_by_length(&data, batch)?;
-        let order = batches.order().to_vec();
-        let mut out: Vec<Option<Prediction>> = vec![None; texts.len()];
-        for (n, b) in batches.enumerate() {
-            session.set_batch(&b)?;
-            session.submit(false, None, 1.0)?;
-            let logits = session.read_logits()?;
-            for row in 0..b.real {
-                let probs = softmax(&logits[row * k..(row + 1) * k]);
-                let example = order[n * batch + row];
-                out[example] = Some(Prediction {
-                    text: texts[example].clone(),
-                    label: self.labels[argmax(&probs)].clone(),
-                    probabilities: self.labels.iter().cloned().zip(probs.iter().copied()).collect(),
-                });
-            }
-        }
-        Ok(out.into_iter().map(|p| p.expect("every text is in one batch")).collect())
+        // A full evaluation batches texts by length and returns its results in input order; the
+        // placeholder labels only enter its loss, which is not used.
+        let eval = evaluate(&mut session, &data, batch, self.labels.len(), None)?;
+        let out = texts
+            .iter()
+            .zip(eval.predictions.iter().zip(&eval.probabilities))
+            .map(|(text, (&predicted, probs))| Prediction {
+                text: text.clone(),
+                label: self.labels[predicted].clone(),
+                probabilities: self.labels.iter().cloned().zip(probs.iter().copied()).collect(),
+            })
+            .collect();
+        Ok(out)
     }
 
     /// Evaluates the classifier on a labelled file; labels must be among the model's.
